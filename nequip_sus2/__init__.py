@@ -1,0 +1,9 @@
+"""nequip-sus2: the SUS2 machine-learning interatomic potential as a NequIP extension.
+
+Imported by NequIP on start-up through the ``nequip.extension`` entry point, so this module stays
+light: models are reached through ``_target_: nequip_sus2.model.SUS2Model`` in configs.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,15 @@
+"""SUS2 graph modules, one paper concept each (spec §2)."""
+
+from .embedding import DecoupledElementEmbedding
+from .moments import MomentContraction
+from .radial import ChebyshevRadialBasis
+from .readout import LinearReadout
+from .scaling import UniversalPairScaling
+
+__all__ = [
+    "UniversalPairScaling",
+    "ChebyshevRadialBasis",
+    "DecoupledElementEmbedding",
+    "MomentContraction",
+    "LinearReadout",
+]

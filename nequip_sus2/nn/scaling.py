@@ -1,0 +1,67 @@
+"""The universal-scaling layer: per ordered species pair affine distance map (spec §2.2).
+
+The per-species energy scale ``s`` and shift ``b`` of the site energy (spec §2.7) are applied by the
+host's :class:`nequip.nn.PerTypeScaleShift` (scale ``s``, shift ``b + s``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from nequip.data import AtomicDataDict
+from nequip.nn import GraphModuleMixin
+from nequip.nn.utils import with_edge_vectors_
+
+from .._keys import SCALED_DISTANCE_KEY
+
+
+class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
+    r"""Scaled distance per edge and scaling channel.
+
+    .. math:: r^* = \alpha_{\eta Z_i Z_j}(r - r^0_{\eta Z_i Z_j}),\qquad \xi = \tanh(r^*/2)
+
+    ``alpha`` and ``r0`` have shape ``[N_eta, C, C]`` indexed by (channel, centre type, neighbour
+    type); they are not symmetric in the pair.
+    """
+
+    def __init__(
+        self,
+        type_names: Sequence[str],
+        num_channels: int,
+        alpha: float | torch.Tensor,
+        r0: float | torch.Tensor,
+        trainable: bool = True,
+        out_field: str = SCALED_DISTANCE_KEY,
+        irreps_in=None,
+    ):
+        super().__init__()
+        self.num_types = len(type_names)
+        self.num_channels = num_channels
+        self.out_field = out_field
+        shape = (num_channels, self.num_types, self.num_types)
+        dtype = torch.get_default_dtype()
+        self.alpha = torch.nn.Parameter(
+            torch.as_tensor(alpha, dtype=dtype).expand(shape).clone(), requires_grad=trainable
+        )
+        self.r0 = torch.nn.Parameter(
+            torch.as_tensor(r0, dtype=dtype).expand(shape).clone(), requires_grad=trainable
+        )
+        self._init_irreps(irreps_in=irreps_in, irreps_out={out_field: f"{num_channels}x0e"})
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, num_types={self.num_types}"
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = with_edge_vectors_(data, with_lengths=True)
+        r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1, 1).to(self.alpha.dtype)
+        types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        pair = types.index_select(0, edge_index[0]) * self.num_types + types.index_select(
+            0, edge_index[1]
+        )
+        # [C*C, N_eta] tables gathered by ordered pair -> [num_edges, N_eta]
+        alpha = torch.nn.functional.embedding(pair, self.alpha.reshape(self.num_channels, -1).T)
+        r0 = torch.nn.functional.embedding(pair, self.r0.reshape(self.num_channels, -1).T)
+        data[self.out_field] = torch.tanh(0.5 * alpha * (r - r0))
+        return data
