@@ -1,6 +1,6 @@
 """Names of the data fields that SUS2 modules add to an ``AtomicDataDict``."""
 
-from nequip.data import register_fields
+from nequip.data._key_registry import register_fields
 
 #: per edge, per scaling channel eta: xi = tanh(alpha (r - r0) / 2)  [num_edges, N_eta]
 SCALED_DISTANCE_KEY = "sus2_scaled_distance"

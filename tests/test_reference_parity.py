@@ -137,7 +137,10 @@ def test_golden_predictions_float32(name):
         terms = (np.abs(scales[frame.types]) * (np.abs(basis * theta).sum(1) + 1)).sum()
         assert abs(o32["energy"] - frame.energy) <= 16 * eps * terms
         f_scale = np.abs(frame.forces).max() + 1
-        assert np.abs(o32["forces"] - frame.forces).max() <= 16 * eps * terms / len(frame.types) + 1e-5 * f_scale
+        assert (
+            np.abs(o32["forces"] - frame.forces).max()
+            <= 16 * eps * terms / len(frame.types) + 1e-5 * f_scale
+        )
 
 
 def _frame_data(model, frame):

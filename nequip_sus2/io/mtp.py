@@ -7,6 +7,7 @@ read too. Errors raise :class:`MTPFormatError` naming the file, the line and the
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -17,6 +18,7 @@ from ..program import ContractionProgram
 
 RADIAL_BASIS_TYPES = ("RBChebyshev_sss", "RBChebyshev_sss_lmp")
 SCALING_MAPS = ("K", "L", "LK")
+_PROGRAM_LISTS = ("alpha_index_basic", "alpha_index_times", "alpha_moment_mapping")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)", re.IGNORECASE)
 
 
@@ -139,15 +141,20 @@ def _tuples(cur: _Lines, key: str, value: str, width: int) -> list[tuple[int, ..
     vals = _numbers(cur, key, value)
     if len(vals) % width:
         raise cur.error(f"field '{key}': {len(vals)} numbers is not a multiple of {width}")
+    if not all(math.isfinite(v) for v in vals):
+        raise cur.error(f"field '{key}': entries must be finite integers")
     ints = [int(v) for v in vals]
     if any(float(i) != v for i, v in zip(ints, vals, strict=True)):
         raise cur.error(f"field '{key}': entries must be integers")
     return [tuple(ints[k : k + width]) for k in range(0, len(ints), width)]
 
 
-def _expect_count(cur: _Lines, key: str, got: int, expected: int, what: str) -> None:
+def _expect_count(
+    cur: _Lines, key: str, got: int, expected: int, what: str, count_key: str | None = None
+) -> None:
     if got != expected:
-        raise cur.error(f"field '{key}': {got} {what}, expected {expected}")
+        source = f" ({count_key} = {expected})" if count_key else ""
+        raise cur.error(f"field '{key}': {got} {what}, expected {expected}{source}")
 
 
 def read_mtp(path: str | os.PathLike) -> MTPFile:
@@ -180,7 +187,12 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         lineno = cur.i
         stripped = raw.strip()
         if stripped == "radial_coeffs":
+            if radial_rows is not None:
+                raise cur.error(
+                    f"key 'radial_coeffs' appears twice (first on line {lines_of['radial_coeffs']})"
+                )
             radial_rows = []
+            lines_of["radial_coeffs"] = lineno
             in_radial_block = True
             continue
         if in_radial_block and re.fullmatch(r"\d+-\d+", stripped):
@@ -196,7 +208,8 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         elif key not in known:
             raise cur.error(f"unknown key {key!r}")
         if key in values:
-            raise cur.error(f"key {key!r} appears twice (first on line {lines_of[key]})")
+            shown = "scaling" if key == "radial_scaling" else key
+            raise cur.error(f"key {shown!r} appears twice (first on line {lines_of[key]})")
         values[key] = value
         lines_of[key] = lineno
 
@@ -226,6 +239,9 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         )
     R = _int(at("radial_basis_size"), "radial_basis_size", need("radial_basis_size"))
     n_mu = _int(at("radial_funcs_count"), "radial_funcs_count", need("radial_funcs_count"))
+    for key, n in (("species_count", C), ("radial_basis_size", R), ("radial_funcs_count", n_mu)):
+        if n < 1:
+            raise at(key).error(f"field '{key}': must be >= 1, got {n}")
     if scaling_map == "K" and n_mu % (L + 1):
         raise at("radial_funcs_count").error(
             f"field 'radial_funcs_count': {n_mu} is not a multiple of L+1 = {L + 1} "
@@ -237,12 +253,26 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
     n_basic = _int(
         at("alpha_index_basic_count"), "alpha_index_basic_count", need("alpha_index_basic_count")
     )
-    _expect_count(at("alpha_index_basic"), "alpha_index_basic", len(basic), n_basic, "entries")
+    _expect_count(
+        at("alpha_index_basic"),
+        "alpha_index_basic",
+        len(basic),
+        n_basic,
+        "entries",
+        "alpha_index_basic_count",
+    )
     times = _tuples(at("alpha_index_times"), "alpha_index_times", need("alpha_index_times"), 4)
     n_times = _int(
         at("alpha_index_times_count"), "alpha_index_times_count", need("alpha_index_times_count")
     )
-    _expect_count(at("alpha_index_times"), "alpha_index_times", len(times), n_times, "entries")
+    _expect_count(
+        at("alpha_index_times"),
+        "alpha_index_times",
+        len(times),
+        n_times,
+        "entries",
+        "alpha_index_times_count",
+    )
     mapping = [
         t[0]
         for t in _tuples(
@@ -250,12 +280,24 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         )
     ]
     n_b = _int(at("alpha_scalar_moments"), "alpha_scalar_moments", need("alpha_scalar_moments"))
-    _expect_count(at("alpha_moment_mapping"), "alpha_moment_mapping", len(mapping), n_b, "slots")
+    _expect_count(
+        at("alpha_moment_mapping"),
+        "alpha_moment_mapping",
+        len(mapping),
+        n_b,
+        "slots",
+        "alpha_scalar_moments",
+    )
     program = ContractionProgram(n_slots, tuple(basic), tuple(times), tuple(mapping))
     try:
         program.validate(radial_funcs_count=n_mu)
     except ValueError as e:
-        raise MTPFormatError(f"{path}: contraction program: {e}") from None
+        # Point at the line of the field the offending entry belongs to.
+        msg = str(e)
+        bad = next((k for k in _PROGRAM_LISTS if msg.startswith(k)), None)
+        if bad is None:
+            bad = "alpha_moments_count" if "moments_count" in msg else "alpha_index_times"
+        raise at(bad).error(f"field '{bad}': contraction program: {msg}") from None
 
     mtp = MTPFile(
         L=L,
@@ -312,7 +354,7 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
 
 
 def _fmt(x: float) -> str:
-    return "%.15e" % x
+    return "%.15e" % x  # noqa: UP031 (the original writer's printf format, byte for byte)
 
 
 def _flist(xs) -> str:
@@ -328,7 +370,7 @@ def format_mtp(mtp: MTPFile) -> str:
     lines = ["MTP", f"version = {mtp.version}"]
     if mtp.potential_name is not None:
         lines.append(f"potential_name = {mtp.potential_name}")
-    if mtp.scaling != 1.0:
+    if _fmt(mtp.scaling) != _fmt(1.0):  # as written, so that re-reading writes the same text
         lines.append(f"scaling = {_fmt(mtp.scaling)}")
     lines += [f"L = {mtp.L}", f"scaling_map = {mtp.scaling_map}"]
     lines.append(f"species_count = {mtp.species_count}")

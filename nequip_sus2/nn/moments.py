@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
 from nequip.nn.utils import scatter, with_edge_vectors_
 
 from .._keys import SCALAR_BASIS_KEY
-from ..program import ContractionProgram
+
+if TYPE_CHECKING:  # the program is only read at construction; packaged models need not import it
+    from ..program import ContractionProgram
 
 
 class MomentContraction(GraphModuleMixin, torch.nn.Module):
@@ -51,9 +55,11 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         order = sorted(range(len(program.times)), key=lambda k: degrees[program.times[k][3]])
         entries = [program.times[k] for k in order]
         stage_of = [degrees[e[3]] for e in entries]
-        self.stage_bounds = [0] + [
-            k for k in range(1, len(entries)) if stage_of[k] != stage_of[k - 1]
-        ] + [len(entries)]
+        self.stage_bounds = (
+            [0]
+            + [k for k in range(1, len(entries)) if stage_of[k] != stage_of[k - 1]]
+            + [len(entries)]
+        )
         if not entries:
             self.stage_bounds = [0]
         p, q, m, o = (list(col) for col in zip(*entries, strict=True)) if entries else ([],) * 4
@@ -85,7 +91,9 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         for _ in range(2, self.max_power + 1):
             powers.append(powers[-1] * u)
         # [num_edges, 3 * (max_power + 1)]: u_x^0..u_x^P, u_y^0.., u_z^0..
-        table = torch.stack(powers[: self.max_power + 1], dim=-1).reshape(-1, 3 * (self.max_power + 1))
+        table = torch.stack(powers[: self.max_power + 1], dim=-1).reshape(
+            -1, 3 * (self.max_power + 1)
+        )
         monomials = (
             table.index_select(1, self.basic_px)
             * table.index_select(1, self.basic_py)

@@ -61,5 +61,7 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
         d = r - self.r_max
         envelope = torch.where(d < 0, self.radial_scaling * d * d, torch.zeros_like(d))
         # [num_edges, N_eta, R]
-        data[self.out_field] = chebyshev_polynomials(xi, self.radial_basis_size) * envelope.unsqueeze(-1)
+        data[self.out_field] = chebyshev_polynomials(
+            xi, self.radial_basis_size
+        ) * envelope.unsqueeze(-1)
         return data

@@ -1,0 +1,45 @@
+# nequip-sus2: `make demo` runs the tutorial end to end, `make test` runs the test suite.
+# Both create a local virtualenv (.venv) with CPU PyTorch; `make demo TORCH=cuda` installs the
+# default (CUDA) PyTorch wheel instead.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= cpu
+TORCH_CPU_SPEC ?= torch==2.13.0
+OUT ?= demo_output
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test test-all lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@if [ "$(TORCH)" = "cpu" ]; then \
+		$(BIN)/python -m pip install -q --timeout 15 --retries 1 "$(TORCH_CPU_SPEC)" \
+			--index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+		|| $(BIN)/python -m pip install -q "$(TORCH_CPU_SPEC)"; \
+	else \
+		$(BIN)/python -m pip install -q "torch>=2.6,<2.15"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/python -m nequip_sus2.demo --out $(OUT)
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not veryslow" --durations=15
+
+test-all: venv
+	$(BIN)/python -m pytest -q --durations=25
+
+lint: venv
+	$(BIN)/ruff check nequip_sus2 tests
+	$(BIN)/ruff format --check nequip_sus2 tests
+
+clean:
+	rm -rf $(OUT) outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Data sets: generators of training data for the tutorials."""

@@ -1,0 +1,1 @@
+"""File formats: MLIP-2 ``.cfg`` data sets and trained ``.mtp`` models."""
