@@ -31,6 +31,11 @@ from ..program import ContractionProgram, generate_program
 #: atoms per cubic Angstrom assumed for the radial scaling when ``avg_num_neighbors`` is unknown
 _DEFAULT_NUMBER_DENSITY = 0.05
 
+#: attribute of the ``scaling`` module that keeps what an ``.mtp`` file stores beyond the model's
+#: parameters (header fields, program entry order, ...); plain Python types, so it travels with
+#: pickled and packaged models and lets :func:`nequip_sus2.interop.export_mtp` write files exactly
+MTP_INFO_ATTR = "mtp_info"
+
 
 def scaling_channel_of_mu(scaling_map: str, max_rank: int, radial_funcs_count: int) -> list[int]:
     """eta(mu) of spec §2.2: K -> floor(mu/(L+1)), L -> mu mod (L+1), LK -> mu."""
@@ -90,6 +95,7 @@ def _assemble(
     per_type_energy_shifts_trainable: bool = True,
     pair_potential: dict | None = None,
     do_derivatives: bool = True,
+    mtp_info: dict | None = None,
 ) -> ForceStressOutput:
     """Chain the SUS2 modules: scaling -> radial basis -> embedding -> moments -> readout."""
     modules: dict[str, torch.nn.Module] = {}
@@ -106,6 +112,8 @@ def _assemble(
         trainable=pair_scaling_trainable,
         irreps_in=None if prev is None else prev.irreps_out,
     )
+    if mtp_info is not None:
+        setattr(prev, MTP_INFO_ATTR, mtp_info)
     modules["radial_basis"] = prev = ChebyshevRadialBasis(
         r_max=r_max,
         radial_basis_size=radial_basis_size,
@@ -202,6 +210,10 @@ def SUS2Model(
         pair_potential (dict): optional host pair potential, e.g. ``nequip.nn.pair_potential.ZBL``
         do_derivatives (bool): compute forces and stresses/virials by autograd (default ``True``)
     """
+    if not r_max > 0:
+        raise ValueError(f"r_max must be positive, got {r_max}")
+    if max_rank not in (1, 2, 3):
+        raise ValueError(f"max_rank (L) must be 1, 2 or 3, got {max_rank}")
     if basis not in ("full_rank", "published"):
         raise ValueError(f"basis must be 'full_rank' or 'published', got {basis!r}")
     if radial_channels < 1:
@@ -231,7 +243,37 @@ def SUS2Model(
         per_type_energy_shifts_trainable=per_type_energy_shifts_trainable,
         pair_potential=pair_potential,
         do_derivatives=do_derivatives,
+        mtp_info={"L": max_rank, "scaling_map": scaling_map, "min_dist": float(min_dist)},
     )
+
+
+def mtp_file_info(mtp: MTPFile) -> dict:
+    """What ``mtp`` stores beyond the model's parameters, as plain Python types.
+
+    Header fields (``min_dist`` is not used in evaluation), the contraction program in file order
+    and the original ``b`` and ``s`` (the model holds ``b + s``, from which ``b`` is not always
+    recovered bit for bit).
+    """
+    prog = mtp.program
+    return {
+        "version": mtp.version,
+        "potential_name": mtp.potential_name,
+        "scaling": mtp.scaling,
+        "radial_scaling": mtp.radial_scaling,
+        "potential_tag": mtp.potential_tag,
+        "radial_basis_type": mtp.radial_basis_type,
+        "min_dist": mtp.min_dist,
+        "L": mtp.L,
+        "scaling_map": mtp.scaling_map,
+        "program": {
+            "moments_count": prog.moments_count,
+            "basic": [list(e) for e in prog.basic],
+            "times": [list(e) for e in prog.times],
+            "mapping": list(prog.mapping),
+        },
+        "shift_coeffs": list(mtp.shift_coeffs) if mtp.shift_coeffs is not None else None,
+        "species_coeffs": list(mtp.species_coeffs) if mtp.species_coeffs is not None else None,
+    }
 
 
 def mtp_parameters(mtp: MTPFile, type_names: Sequence[str]) -> dict:
@@ -258,6 +300,7 @@ def mtp_parameters(mtp: MTPFile, type_names: Sequence[str]) -> dict:
         "theta": torch.tensor(mtp.moment_coeffs, dtype=torch.float64),
         "per_type_energy_scales": dict(zip(type_names, s.tolist(), strict=True)),
         "per_type_energy_shifts": dict(zip(type_names, (b + s).tolist(), strict=True)),
+        "mtp_info": mtp_file_info(mtp),
     }
 
 

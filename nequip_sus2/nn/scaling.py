@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from nequip.data import AtomicDataDict
-from nequip.nn import GraphModuleMixin
+from nequip.nn import GraphModuleMixin, model_modifier
 from nequip.nn.utils import with_edge_vectors_
 
 from .._keys import SCALED_DISTANCE_KEY
@@ -41,16 +41,35 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         self.out_field = out_field
         shape = (num_channels, self.num_types, self.num_types)
         dtype = torch.get_default_dtype()
-        self.alpha = torch.nn.Parameter(
-            torch.as_tensor(alpha, dtype=dtype).expand(shape).clone(), requires_grad=trainable
-        )
-        self.r0 = torch.nn.Parameter(
-            torch.as_tensor(r0, dtype=dtype).expand(shape).clone(), requires_grad=trainable
-        )
+        tables = {}
+        for name, value in (("alpha", alpha), ("r0", r0)):
+            value = torch.as_tensor(value, dtype=dtype)
+            if value.numel() != 1 and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{name} must be a scalar or have shape [N_eta, C, C] = {list(shape)}, "
+                    f"got {list(value.shape)}"
+                )
+            tables[name] = value.expand(shape).clone()
+        self.alpha = torch.nn.Parameter(tables["alpha"], requires_grad=trainable)
+        self.r0 = torch.nn.Parameter(tables["r0"], requires_grad=trainable)
         self._init_irreps(irreps_in=irreps_in, irreps_out={out_field: f"{num_channels}x0e"})
 
     def extra_repr(self) -> str:
         return f"num_channels={self.num_channels}, num_types={self.num_types}"
+
+    @model_modifier(persistent=True, private=False)
+    @classmethod
+    def freeze_pair_scaling(cls, model, frozen: bool = True):
+        """Freeze (or, with ``frozen: false``, unfreeze) the universal-scaling block alpha, r0.
+
+        Sets ``requires_grad`` of every ``alpha`` and ``r0`` in the model, as the original SUS2
+        code's fine-tuning does; use it on a packaged model with ``nequip.model.modify``.
+        """
+        for module in model.modules():
+            if isinstance(module, cls):
+                module.alpha.requires_grad_(not frozen)
+                module.r0.requires_grad_(not frozen)
+        return model
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         data = with_edge_vectors_(data, with_lengths=True)
