@@ -58,7 +58,12 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
         )
         assert self.unused_weights.shape == (max(n_mu - 1, 0), num_types)
         self.register_buffer("eta_of_mu", torch.as_tensor(list(eta_of_mu), dtype=torch.long))
-        self._identity_channels = list(eta_of_mu) == list(range(n_mu))
+        # [N_mu, N_eta, 1] one-hot of eta(mu): turns c into the block matrix of one GEMM
+        num_channels = max(eta_of_mu) + 1
+        self.register_buffer(
+            "channel_onehot",
+            torch.nn.functional.one_hot(self.eta_of_mu, num_channels).to(dtype).unsqueeze(-1),
+        )
         self._init_irreps(
             irreps_in=irreps_in, required_irreps_in=[in_field], irreps_out={out_field: f"{n_mu}x0e"}
         )
@@ -68,9 +73,9 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         q = data[self.in_field]  # [num_edges, N_eta, R]
-        if not self._identity_channels:
-            q = q.index_select(1, self.eta_of_mu)  # [num_edges, N_mu, R]
-        radial = (q * self.coeffs).sum(-1)  # [num_edges, N_mu]
+        # sum_n c[mu, n] Q[:, eta(mu), n] as [E, N_eta R] @ [N_eta R, N_mu]
+        block = (self.channel_onehot * self.coeffs.unsqueeze(1)).reshape(self.num_radial_funcs, -1)
+        radial = torch.mm(q.reshape(-1, block.shape[1]), block.T)  # [num_edges, N_mu]
         types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
         w = self.weights.index_select(0, types)

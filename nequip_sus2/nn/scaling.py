@@ -79,8 +79,8 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         pair = types.index_select(0, edge_index[0]) * self.num_types + types.index_select(
             0, edge_index[1]
         )
-        # [C*C, N_eta] tables gathered by ordered pair -> [num_edges, N_eta]
-        alpha = torch.nn.functional.embedding(pair, self.alpha.reshape(self.num_channels, -1).T)
-        r0 = torch.nn.functional.embedding(pair, self.r0.reshape(self.num_channels, -1).T)
+        # one [C*C, 2 N_eta] table gathered by ordered pair -> [num_edges, 2 N_eta]
+        table = torch.cat([self.alpha, self.r0], dim=0).reshape(2 * self.num_channels, -1).T
+        alpha, r0 = torch.nn.functional.embedding(pair, table).chunk(2, dim=1)
         data[self.out_field] = torch.tanh(0.5 * alpha * (r - r0))
         return data
