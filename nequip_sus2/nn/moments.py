@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
-from nequip.nn.utils import scatter, with_edge_vectors_
+from nequip.nn.utils import with_edge_vectors_
 
 from .._keys import SCALAR_BASIS_KEY
 
@@ -43,13 +43,22 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         self.num_basis = len(program.mapping)
         self.max_power = max((max(e[1:]) for e in program.basic), default=0)
 
-        mu, a, b, c = (list(col) for col in zip(*program.basic, strict=True))
+        mu = [e[0] for e in program.basic]
+        # distinct monomials u_x^a u_y^b u_z^c, each computed once per edge
+        monomials = list(dict.fromkeys(e[1:] for e in program.basic))
         p1 = self.max_power + 1
         self.register_buffer("basic_mu", torch.as_tensor(mu, dtype=torch.long))
+        self.register_buffer(
+            "basic_monomial",
+            torch.as_tensor([monomials.index(e[1:]) for e in program.basic], dtype=torch.long),
+        )
         # indices into the flattened [num_edges, 3 * (max_power + 1)] table of u_x^k, u_y^k, u_z^k
-        self.register_buffer("basic_px", torch.as_tensor(a, dtype=torch.long))
-        self.register_buffer("basic_py", torch.as_tensor([p1 + k for k in b], dtype=torch.long))
-        self.register_buffer("basic_pz", torch.as_tensor([2 * p1 + k for k in c], dtype=torch.long))
+        a, b, c = (list(col) for col in zip(*monomials, strict=True))
+        self.register_buffer("monomial_px", torch.as_tensor(a, dtype=torch.long))
+        self.register_buffer("monomial_py", torch.as_tensor([p1 + k for k in b], dtype=torch.long))
+        self.register_buffer(
+            "monomial_pz", torch.as_tensor([2 * p1 + k for k in c], dtype=torch.long)
+        )
 
         degrees = program.degrees()
         order = sorted(range(len(program.times)), key=lambda k: degrees[program.times[k][3]])
@@ -95,14 +104,16 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             -1, 3 * (self.max_power + 1)
         )
         monomials = (
-            table.index_select(1, self.basic_px)
-            * table.index_select(1, self.basic_py)
-            * table.index_select(1, self.basic_pz)
+            table.index_select(1, self.monomial_px)
+            * table.index_select(1, self.monomial_py)
+            * table.index_select(1, self.monomial_pz)
         )
-        edge_moments = radial.index_select(1, self.basic_mu) * monomials
+        edge_moments = radial.index_select(1, self.basic_mu) * monomials.index_select(
+            1, self.basic_monomial
+        )
         num_nodes = AtomicDataDict.num_nodes(data)
-        basic = scatter(
-            edge_moments, data[AtomicDataDict.EDGE_INDEX_KEY][0], dim=0, dim_size=num_nodes
+        basic = edge_moments.new_zeros(num_nodes, self.num_basic).index_add(
+            0, data[AtomicDataDict.EDGE_INDEX_KEY][0], edge_moments
         )
         moments = torch.cat(
             [basic, basic.new_zeros(basic.shape[0], self.num_slots - self.num_basic)], dim=1
