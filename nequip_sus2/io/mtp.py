@@ -213,9 +213,15 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         values[key] = value
         lines_of[key] = lineno
 
+    # a missing field is reported at the last line (where the file ends, e.g. when truncated)
+    last_line = max((n for n, line in enumerate(cur.lines, 1) if line.strip()), default=0)
+
     def need(key: str) -> str:
         if key not in values:
-            raise MTPFormatError(f"{path}: required field '{key}' is missing")
+            raise MTPFormatError(
+                f"{path}:{last_line}: required field '{key}' is missing "
+                f"(not found up to the end of the file, line {last_line})"
+            )
         return values[key]
 
     def at(key: str) -> _Lines:
@@ -325,7 +331,8 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
     missing = [k for k in (*coeff_keys, "radial_coeffs") if k not in present]
     if missing:
         raise MTPFormatError(
-            f"{path}: trained file is missing coefficient block(s): {', '.join(missing)}"
+            f"{path}:{last_line}: trained file is missing coefficient block(s): "
+            f"{', '.join(missing)} (not found up to the end of the file, line {last_line})"
         )
     n_eta = mtp.num_scaling_channels
     expected = {

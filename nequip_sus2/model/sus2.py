@@ -112,8 +112,8 @@ def _assemble(
         trainable=pair_scaling_trainable,
         irreps_in=None if prev is None else prev.irreps_out,
     )
-    if mtp_info is not None:
-        setattr(prev, MTP_INFO_ATTR, mtp_info)
+    # what an .mtp export needs beyond the parameters, including the program in its own order
+    setattr(prev, MTP_INFO_ATTR, {**(mtp_info or {}), "program": _program_dict(program)})
     modules["radial_basis"] = prev = ChebyshevRadialBasis(
         r_max=r_max,
         radial_basis_size=radial_basis_size,
@@ -247,14 +247,22 @@ def SUS2Model(
     )
 
 
+def _program_dict(program: ContractionProgram) -> dict:
+    return {
+        "moments_count": program.moments_count,
+        "basic": [list(e) for e in program.basic],
+        "times": [list(e) for e in program.times],
+        "mapping": list(program.mapping),
+    }
+
+
 def mtp_file_info(mtp: MTPFile) -> dict:
     """What ``mtp`` stores beyond the model's parameters, as plain Python types.
 
-    Header fields (``min_dist`` is not used in evaluation), the contraction program in file order
-    and the original ``b`` and ``s`` (the model holds ``b + s``, from which ``b`` is not always
-    recovered bit for bit).
+    Header fields (``min_dist`` is not used in evaluation) and the original ``b`` and ``s`` (the
+    model holds ``b + s``, from which ``b`` is not always recovered bit for bit). The program,
+    in file order, is added by the builder.
     """
-    prog = mtp.program
     return {
         "version": mtp.version,
         "potential_name": mtp.potential_name,
@@ -265,12 +273,6 @@ def mtp_file_info(mtp: MTPFile) -> dict:
         "min_dist": mtp.min_dist,
         "L": mtp.L,
         "scaling_map": mtp.scaling_map,
-        "program": {
-            "moments_count": prog.moments_count,
-            "basic": [list(e) for e in prog.basic],
-            "times": [list(e) for e in prog.times],
-            "mapping": list(prog.mapping),
-        },
         "shift_coeffs": list(mtp.shift_coeffs) if mtp.shift_coeffs is not None else None,
         "species_coeffs": list(mtp.species_coeffs) if mtp.species_coeffs is not None else None,
     }

@@ -1,0 +1,283 @@
+"""``nequip-sus2``: SUS2-MLIP / MLIP-2 interop on the command line.
+
+Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
+
+* ``import-mtp MODEL.mtp --type-names Li Be ... -o OUT.nequip.zip``: a NequIP package of a
+  trained ``.mtp`` model (for ``nequip-compile``, the ASE calculator, ``ModelFromPackage``);
+* ``export-mtp CHECKPOINT_OR_PACKAGE -o OUT.mtp``: a SUS2 model back to ``.mtp``;
+* ``convert IN OUT --type-names ...``: ``.cfg`` <-> extended XYZ (by file extension);
+* ``calc-errors MODEL DATA.cfg --type-names ...``: errors of a model against ``.cfg`` labels
+  (like ``mlp calc-errors``), with optional predictions written as ``.cfg``.
+
+Errors print one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for
+malformed input) and exit with status 2; no partial output file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+PACKAGE_SUFFIX = ".nequip.zip"
+_XYZ_SUFFIXES = (".xyz", ".extxyz")
+
+
+class _UsageError(Exception):
+    """A problem with the command line itself (reported like argparse errors)."""
+
+
+def _add_type_names(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--type-names",
+        nargs="+",
+        metavar="NAME",
+        help=f"species of {what} type indices 0, 1, ... in order (e.g. --type-names Cu Se)",
+    )
+    group.add_argument(
+        "--type-names-file",
+        metavar="FILE",
+        help="YAML/JSON file with the species list: [Cu, Se], 'Cu Se', {type_names: [Cu, Se]} "
+        "or {0: Cu, 1: Se}",
+    )
+
+
+def _type_names(args) -> list[str]:
+    from .interop import _check_names, read_type_names
+
+    if args.type_names_file is not None:
+        return read_type_names(args.type_names_file)
+    return _check_names(args.type_names, "--type-names")
+
+
+def _require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise _UsageError(f"{path}: no such file")
+
+
+def _require_dir_of(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise _UsageError(f"{path}: the output directory {parent} does not exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nequip-sus2",
+        description="SUS2-MLIP / MLIP-2 interop for NequIP: import and export .mtp models, "
+        "convert .cfg data sets, compute errors on .cfg data.",
+        epilog="Run `nequip-sus2 SUBCOMMAND --help` for the options of each subcommand. "
+        "Docs: docs/coming-from-mlip.md",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    p = sub.add_parser(
+        "import-mtp",
+        help="write a NequIP package (.nequip.zip) of a trained .mtp model",
+        description="Import a trained SUS2/MTP model (.mtp) as a NequIP package that "
+        "nequip-compile, nequip-package, the NequIP ASE calculator and ModelFromPackage "
+        "(fine-tuning with nequip-train) accept. The .mtp file stores no element symbols: give "
+        "the species order of its type indices.",
+        epilog="Example: nequip-sus2 import-mtp cu2se_p.mtp --type-names Cu Se -o cu2se.nequip.zip"
+        " && nequip-compile cu2se.nequip.zip cu2se.nequip.pt2 --mode aotinductor --device cpu "
+        "--target ase",
+    )
+    p.add_argument("mtp", metavar="MODEL.mtp", help="trained .mtp file")
+    _add_type_names(p, "the model's")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT.nequip.zip", help="package file to write"
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the packaged model (default float64: reproduces the published "
+        "predictions; float32 is faster)",
+    )
+    p.set_defaults(func=_import_mtp)
+
+    p = sub.add_parser(
+        "export-mtp",
+        help="write a trained SUS2 model (checkpoint or package) as .mtp",
+        description="Write a SUS2 model from a nequip-train checkpoint or a .nequip.zip package "
+        "as a .mtp file in the published layout ('%%.15e' floats) that the original SUS2/MLIP "
+        "tools read. An imported, unchanged model is written back byte for byte. A full-rank "
+        "model is re-expanded to the published basis (coefficient 0 on the dropped duplicates) "
+        "unless --no-expand. Models with extra terms (e.g. a ZBL pair potential) are refused.",
+        epilog="Example: nequip-sus2 export-mtp outputs/run/best.ckpt -o finetuned.mtp",
+    )
+    p.add_argument("model", metavar="CHECKPOINT_OR_PACKAGE", help=".ckpt or .nequip.zip file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mtp", help=".mtp file to write")
+    p.add_argument(
+        "--model-key", default=None, help="model to export from a multi-model checkpoint"
+    )
+    p.add_argument(
+        "--no-expand",
+        action="store_true",
+        help="refuse a full-rank model instead of re-expanding it to the published basis",
+    )
+    p.set_defaults(func=_export_mtp)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert between .cfg and extended XYZ (by file extension)",
+        description="Convert an MLIP-2 .cfg file to extended XYZ (.xyz/.extxyz) or back. "
+        "Energies, forces, PlusStress (as ASE stress = -PlusStress/V for periodic frames, and "
+        "exactly as info 'virial'), Feature lines (as string info entries), atom ids and extra "
+        "AtomData columns are kept; every number round-trips bit for bit.",
+        epilog="Example: nequip-sus2 convert train.cfg train.xyz --type-names Cu Se",
+    )
+    p.add_argument("input", metavar="IN", help=".cfg or .xyz/.extxyz file")
+    p.add_argument("output", metavar="OUT", help=".xyz/.extxyz or .cfg file to write")
+    _add_type_names(p, "the .cfg file's")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "calc-errors",
+        help="errors of a model against the labels of a .cfg file (like mlp calc-errors)",
+        description="Evaluate a model on every configuration of a .cfg file through the NequIP "
+        "ASE calculator and print energy-per-atom, force and stress errors (RMSE, MAE, max). "
+        "MODEL is a compiled .nequip.pt2 (--target ase), a .nequip.zip package, a .ckpt "
+        "checkpoint or a trained .mtp file.",
+        epilog="Example: nequip-sus2 calc-errors alloy.nequip.pt2 test.cfg --type-names-file "
+        "species.yaml --predictions pred.cfg",
+    )
+    p.add_argument("model", metavar="MODEL", help=".nequip.pt2, .nequip.zip, .ckpt or .mtp")
+    p.add_argument("data", metavar="DATA.cfg", help=".cfg file with labels")
+    _add_type_names(p, "the .cfg file's")
+    p.add_argument(
+        "--model-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision when MODEL is a .mtp file (default float64)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--predictions", metavar="OUT.cfg", help="also write the predictions as a .cfg file"
+    )
+    p.add_argument("--json", action="store_true", help="print the errors as JSON")
+    p.set_defaults(func=_calc_errors)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------
+
+
+def _import_mtp(args) -> int:
+    _require_file(args.mtp)
+    if not args.output.endswith(PACKAGE_SUFFIX):
+        raise _UsageError(f"-o {args.output}: a NequIP package name must end with {PACKAGE_SUFFIX}")
+    _require_dir_of(args.output)
+    names = _type_names(args)
+    from .interop import import_mtp_to_package
+
+    import_mtp_to_package(args.mtp, names, args.output, model_dtype=args.model_dtype)
+    stem = args.output[: -len(PACKAGE_SUFFIX)]
+    print(
+        f"wrote {args.output} ({len(names)} species: {' '.join(names)}; {args.model_dtype})\n"
+        f"compile for ASE with: nequip-compile {args.output} {stem}.nequip.pt2 "
+        "--mode aotinductor --device cpu --target ase"
+    )
+    return 0
+
+
+def _export_mtp(args) -> int:
+    _require_file(args.model)
+    _require_dir_of(args.output)
+    from .interop import export_mtp
+
+    names = export_mtp(
+        args.model, args.output, model_key=args.model_key, expand_full_rank=not args.no_expand
+    )
+    print(f"wrote {args.output}; species order of its type indices: {' '.join(names)}")
+    return 0
+
+
+def _convert(args) -> int:
+    _require_file(args.input)
+    _require_dir_of(args.output)
+    src, dst = args.input.lower(), args.output.lower()
+    names = _type_names(args)
+    from .interop import cfg_to_extxyz, extxyz_to_cfg
+
+    if src.endswith(".cfg") and dst.endswith(_XYZ_SUFFIXES):
+        n = cfg_to_extxyz(args.input, args.output, names)
+    elif src.endswith(_XYZ_SUFFIXES) and dst.endswith(".cfg"):
+        n = extxyz_to_cfg(args.input, args.output, names)
+    else:
+        raise _UsageError(
+            f"cannot tell the direction from {args.input} -> {args.output}: convert .cfg to "
+            ".xyz/.extxyz or .xyz/.extxyz to .cfg"
+        )
+    print(f"wrote {n} configurations to {args.output}")
+    return 0
+
+
+def _calc_errors(args) -> int:
+    _require_file(args.model)
+    _require_file(args.data)
+    if args.predictions is not None:
+        _require_dir_of(args.predictions)
+    names = _type_names(args)
+    from .interop import calc_errors
+
+    errors = calc_errors(
+        args.model,
+        args.data,
+        names,
+        model_dtype=args.model_dtype,
+        device=args.device,
+        predictions=args.predictions,
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(errors, indent=2))
+        return 0
+    print(f"{args.data}: {errors['configurations']} configurations, {errors['atoms']} atoms")
+    units = {"energy_per_atom": "eV/atom", "forces": "eV/A", "stress": "eV/A^3 (PlusStress/V)"}
+    for key, unit in units.items():
+        e = errors.get(key)
+        if e is None:
+            continue
+        print(
+            f"  {key:16s} RMSE {e['rmse']:.6g}  MAE {e['mae']:.6g}  max {e['max']:.6g}  "
+            f"[{unit}, {e['count']} values]"
+        )
+    if args.predictions is not None:
+        print(f"wrote predictions to {args.predictions}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    prefix = f"nequip-sus2 {args.command}: error:"
+    try:
+        return args.func(args)
+    except _UsageError as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prefix} {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # MTPFormatError, CfgFormatError, InteropError and friends
+        print(f"{prefix} {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
