@@ -7,7 +7,9 @@ Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
 * ``export-mtp CHECKPOINT_OR_PACKAGE -o OUT.mtp``: a SUS2 model back to ``.mtp``;
 * ``convert IN OUT --type-names ...``: ``.cfg`` <-> extended XYZ (by file extension);
 * ``calc-errors MODEL DATA.cfg --type-names ...``: errors of a model against ``.cfg`` labels
-  (like ``mlp calc-errors``), with optional predictions written as ``.cfg``.
+  (like ``mlp calc-errors``), with optional predictions written as ``.cfg``;
+* ``bench MODEL [MODEL ...] --data FILE --out DIR``: benchmark and compare models (accuracy,
+  equation of state, MD stability, cost, SUS2 interpretability) in one report.
 
 Errors print one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for
 malformed input) and exit with status 2; no partial output file is left behind.
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the errors as JSON")
     p.set_defaults(func=_calc_errors)
+
+    from .bench import add_parser as _add_bench_parser  # light: argparse only
+
+    _add_bench_parser(sub)
     return parser
 
 
