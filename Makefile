@@ -8,6 +8,8 @@ TORCH ?= cpu
 TORCH_CPU_SPEC ?= torch==2.13.0
 OUT ?= demo_output
 BIN := $(VENV)/bin
+# the venv's console scripts (nequip-train, nequip-compile, ...) are called by tests and the demo
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv demo test test-all lint clean
 

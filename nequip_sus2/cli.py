@@ -9,7 +9,9 @@ Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
 * ``calc-errors MODEL DATA.cfg --type-names ...``: errors of a model against ``.cfg`` labels
   (like ``mlp calc-errors``), with optional predictions written as ``.cfg``;
 * ``bench MODEL [MODEL ...] --data FILE --out DIR``: benchmark and compare models (accuracy,
-  equation of state, MD stability, cost, SUS2 interpretability) in one report.
+  equation of state, MD stability, cost, SUS2 interpretability) in one report;
+* ``active-set`` / ``select-add``: MaxVol active set and extrapolation grade; pick extrapolative
+  structures for active learning (``nequip-sus2 active-set --help``).
 
 Errors print one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for
 malformed input) and exit with status 2; no partial output file is left behind.
@@ -165,7 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as _add_bench_parser  # light: argparse only
 
     _add_bench_parser(sub)
+    for name, func, text in (
+        ("active-set", _active_set, "select a MaxVol active set and add the extrapolation grade"),
+        ("select-add", _select_add, "pick extrapolative structures to add to the training set"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.set_defaults(func=func, passthrough=True)
     return parser
+
+
+def _active_set(args: argparse.Namespace) -> int:
+    from .active_set import main
+
+    return main(args.rest) or 0
+
+
+def _select_add(args: argparse.Namespace) -> int:
+    from .active_set import select_add_main
+
+    return select_add_main(args.rest) or 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +286,11 @@ def _calc_errors(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):  # subcommands that parse their own arguments
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

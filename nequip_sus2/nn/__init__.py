@@ -1,6 +1,7 @@
 """SUS2 graph modules, one paper concept each (spec §2)."""
 
 from .embedding import DecoupledElementEmbedding
+from .extrapolation import ExtrapolationGrade
 from .moments import MomentContraction
 from .radial import ChebyshevRadialBasis
 from .readout import LinearReadout
@@ -12,4 +13,5 @@ __all__ = [
     "DecoupledElementEmbedding",
     "MomentContraction",
     "LinearReadout",
+    "ExtrapolationGrade",
 ]
