@@ -15,24 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SHARED, require_reference
+from conftest import GOLDEN, SHARED, SPECIES, require_reference
 
 from nequip_sus2.cli import main
 from nequip_sus2.io.cfg import read_cfg, write_cfg
 
-SPECIES = {
-    "alloy": (
-        "Li Be Na Mg Al Si K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge Sr Y Zr Nb Mo Ru Rh Pd Ag Cd "
-        "In Sn La Ce Pr Nd Sm Gd Tb Dy Ho Er Tm Lu Hf Ta W Re Os Ir Pt Au Pb"
-    ).split(),
-    "cathod": "Li O Na Cr Mn Fe Co Ni".split(),
-    "cu2se_p": ["Cu", "Se"],
-}
-GOLDEN = {
-    "alloy": "alloy_sample_golden.cfg",
-    "cathod": "cathod_golden.cfg",
-    "cu2se_p": "cu2se_p_golden.cfg",
-}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALLOY_TRAIN = SHARED / "benchmarks" / "alloy" / "alloy_train.cfg"
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from _helpers import build, predict
-from conftest import SHARED, require_reference
+from conftest import GOLDEN, SHARED, SPECIES, require_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,20 +39,6 @@ from nequip_sus2.io.cfg import CfgFrame, read_cfg, write_cfg
 from nequip_sus2.io.mtp import format_mtp, read_mtp, write_mtp
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
 from nequip_sus2.program import generate_program
-
-SPECIES = {
-    "alloy": (
-        "Li Be Na Mg Al Si K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge Sr Y Zr Nb Mo Ru Rh Pd Ag Cd "
-        "In Sn La Ce Pr Nd Sm Gd Tb Dy Ho Er Tm Lu Hf Ta W Re Os Ir Pt Au Pb"
-    ).split(),
-    "cathod": "Li O Na Cr Mn Fe Co Ni".split(),
-    "cu2se_p": ["Cu", "Se"],
-}
-GOLDEN = {
-    "alloy": "alloy_sample_golden.cfg",
-    "cathod": "cathod_golden.cfg",
-    "cu2se_p": "cu2se_p_golden.cfg",
-}
 
 
 def published(name: str) -> tuple[Path, str]:
