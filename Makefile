@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # the venv's console scripts (nequip-train, nequip-compile, ...) are called by tests and the demo
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,13 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q --durations=25
 
+# inference/training throughput of SUS2 vs NequIP and Allegro (docs/performance.md); ~15 min
+bench: venv
+	$(BIN)/python benchmarks/inference_throughput.py --out bench_output/performance
+
 lint: venv
 	$(BIN)/ruff check nequip_sus2 tests
 	$(BIN)/ruff format --check nequip_sus2 tests
 
 clean:
-	rm -rf $(OUT) outputs .pytest_cache
+	rm -rf $(OUT) outputs .pytest_cache bench_output

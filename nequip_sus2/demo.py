@@ -66,7 +66,7 @@ def run_md(
     from ase import units
     from ase.build import bulk
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md import velocitydistribution
     from ase.md.verlet import VelocityVerlet
     from nequip.integrations.ase import NequIPCalculator
 
@@ -80,9 +80,16 @@ def run_md(
     atoms.calc = NequIPCalculator.from_compiled_model(
         str(compiled), device="cpu", chemical_species_to_atom_type_map=True
     )
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    # ASE >= 3.29 renamed MaxwellBoltzmannDistribution (deprecated) to thermalize_momenta
+    thermalize = getattr(
+        velocitydistribution,
+        "thermalize_momenta",
+        velocitydistribution.MaxwellBoltzmannDistribution,
+    )
+    thermalize(atoms, temperature_K=temperature, rng=rng)
     dt = 1.0 * units.fs
-    nvt = Langevin(atoms, dt, temperature_K=temperature, friction=0.02, rng=rng)
+    # fixcm=True is deprecated (not exact NVT sampling); the total momentum stays ~0 anyway
+    nvt = Langevin(atoms, dt, temperature_K=temperature, friction=0.02, rng=rng, fixcm=False)
     t0 = time.perf_counter()
     nvt.run(nvt_steps)
     nve = VelocityVerlet(atoms, dt)
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = run_md(compiled, list(ELEMENTS), args.nvt_steps, args.nve_steps, args.temperature, seed=0)
     print(
         f"  NVE mean temperature {md['nve_mean_temperature_K']:.0f} K, energy drift "
-        f"{1000 * md['nve_energy_drift_eV_per_atom_per_ps']:.3f} meV/atom/ps, "
+        f"{1000 * md['nve_energy_drift_eV_per_atom_per_ps']:.2e} meV/atom/ps, "
         f"{md['md_steps_per_second']:.1f} steps/s"
     )
 

@@ -85,6 +85,7 @@ def _assemble(
     alpha,
     r0,
     pair_scaling_trainable: bool,
+    element_embedding_trainable: bool = True,
     radial_coeffs=None,
     species_weights=None,
     unused_weights=None,
@@ -128,6 +129,7 @@ def _assemble(
         weights=species_weights,
         unused_weights=unused_weights,
         coeffs_init_range=1.0 / math.sqrt(radial_basis_size),
+        trainable=element_embedding_trainable,
         irreps_in=prev.irreps_out,
     )
     modules["moments"] = prev = MomentContraction(program=program, irreps_in=prev.irreps_out)
@@ -174,6 +176,7 @@ def SUS2Model(
     per_type_energy_scales_trainable: bool = True,
     per_type_energy_shifts_trainable: bool = True,
     pair_scaling_trainable: bool = True,
+    element_embedding_trainable: bool = True,
     pair_potential: dict | None = None,
     do_derivatives: bool = True,
 ):
@@ -207,6 +210,8 @@ def SUS2Model(
         per_type_energy_scales_trainable (bool): train s (default ``True``)
         per_type_energy_shifts_trainable (bool): train b + s (default ``True``)
         pair_scaling_trainable (bool): train alpha and r0 (``False`` freezes the scaling block)
+        element_embedding_trainable (bool): train the radial coefficients c and the species
+            weights w (``False`` freezes the element embedding)
         pair_potential (dict): optional host pair potential, e.g. ``nequip.nn.pair_potential.ZBL``
         do_derivatives (bool): compute forces and stresses/virials by autograd (default ``True``)
     """
@@ -237,6 +242,7 @@ def SUS2Model(
         alpha=6.6 / (r_max - min_dist),
         r0=0.5 * (min_dist + r_max),
         pair_scaling_trainable=pair_scaling_trainable,
+        element_embedding_trainable=element_embedding_trainable,
         per_type_energy_scales=per_type_energy_scales,
         per_type_energy_shifts=per_type_energy_shifts,
         per_type_energy_scales_trainable=per_type_energy_scales_trainable,
@@ -317,6 +323,7 @@ def SUS2FromMTP(
     seed: int = 0,
     model_dtype: str = "float64",
     pair_scaling_trainable: bool = True,
+    element_embedding_trainable: bool = True,
     per_type_energy_scales_trainable: bool = True,
     per_type_energy_shifts_trainable: bool = True,
     pair_potential: dict | None = None,
@@ -328,7 +335,8 @@ def SUS2FromMTP(
     The cutoff and all hyper-parameters come from the file; ``type_names`` gives the species of
     the file's type indices 0..C-1 in order (the file stores no element symbols). Use it in a
     config (``_target_: nequip_sus2.model.SUS2FromMTP``) to evaluate or fine-tune a published
-    model; ``pair_scaling_trainable: false`` freezes alpha and r0 as the original fine-tuning does.
+    model; ``pair_scaling_trainable: false`` freezes alpha and r0 as the original fine-tuning does,
+    ``element_embedding_trainable: false`` freezes the radial coefficients and species weights.
     The ``.mtp`` file must stay at ``mtp_path`` for checkpoints that refer to it.
     """
     mtp = read_mtp(mtp_path)
@@ -344,6 +352,7 @@ def SUS2FromMTP(
         model_dtype=model_dtype,
         type_names=type_names,
         pair_scaling_trainable=pair_scaling_trainable,
+        element_embedding_trainable=element_embedding_trainable,
         per_type_energy_scales_trainable=per_type_energy_scales_trainable,
         per_type_energy_shifts_trainable=per_type_energy_shifts_trainable,
         pair_potential=pair_potential,

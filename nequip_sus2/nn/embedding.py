@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import torch
 from nequip.data import AtomicDataDict
-from nequip.nn import GraphModuleMixin
+from nequip.nn import GraphModuleMixin, model_modifier
 
 from .._keys import RADIAL_BASIS_KEY
+from .freezing import set_block_trainable
 
 
 class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
@@ -32,6 +33,7 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
         weights: torch.Tensor | None = None,
         unused_weights: torch.Tensor | None = None,
         coeffs_init_range: float = 0.005,
+        trainable: bool = True,
         in_field: str = RADIAL_BASIS_KEY,
         out_field: str = AtomicDataDict.EDGE_EMBEDDING_KEY,
         irreps_in=None,
@@ -46,8 +48,12 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
             coeffs = (2 * torch.rand(n_mu, radial_basis_size) - 1) * coeffs_init_range
         if weights is None:
             weights = torch.ones(num_types)
-        self.coeffs = torch.nn.Parameter(torch.as_tensor(coeffs, dtype=dtype).clone())
-        self.weights = torch.nn.Parameter(torch.as_tensor(weights, dtype=dtype).clone())
+        self.coeffs = torch.nn.Parameter(
+            torch.as_tensor(coeffs, dtype=dtype).clone(), requires_grad=trainable
+        )
+        self.weights = torch.nn.Parameter(
+            torch.as_tensor(weights, dtype=dtype).clone(), requires_grad=trainable
+        )
         assert self.coeffs.shape == (n_mu, radial_basis_size)
         assert self.weights.shape == (num_types,)
         if unused_weights is None:
@@ -71,14 +77,24 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
     def extra_repr(self) -> str:
         return f"num_radial_funcs={self.num_radial_funcs}, radial_basis_size={self.coeffs.shape[1]}"
 
+    @model_modifier(persistent=True, private=False)
+    @classmethod
+    def freeze_element_embedding(cls, model, frozen: bool = True):
+        """Freeze (or, with ``frozen: false``, unfreeze) the element embedding c and w.
+
+        Sets ``requires_grad`` of the radial coefficients ``coeffs`` and the species weights
+        ``weights``; use it on a packaged model with ``nequip.model.modify``.
+        """
+        return set_block_trainable(model, cls, ("coeffs", "weights"), not frozen)
+
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        q = data[self.in_field]  # [num_edges, N_eta, R]
-        # sum_n c[mu, n] Q[:, eta(mu), n] as [E, N_eta R] @ [N_eta R, N_mu]
+        q = data[self.in_field].permute(1, 2, 0)  # [N_eta, R, E] (feature-major)
+        # sum_n c[mu, n] Q[eta(mu), n, :] as [N_mu, N_eta R] @ [N_eta R, E]
         block = (self.channel_onehot * self.coeffs.unsqueeze(1)).reshape(self.num_radial_funcs, -1)
-        radial = torch.mm(q.reshape(-1, block.shape[1]), block.T)  # [num_edges, N_mu]
+        radial = torch.mm(block, q.reshape(block.shape[1], -1))  # [N_mu, E]
         types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
         w = self.weights.index_select(0, types)
         pair_weight = w.index_select(0, edge_index[0]) * w.index_select(0, edge_index[1])
-        data[self.out_field] = radial * pair_weight.unsqueeze(-1)
+        data[self.out_field] = (radial * pair_weight).T  # [E, N_mu] view
         return data

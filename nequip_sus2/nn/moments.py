@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +44,20 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         self.num_basis = len(program.mapping)
         self.max_power = max((max(e[1:]) for e in program.basic), default=0)
 
+        # canonical layout (every generated and published program): basic slots mu-major with
+        # mu = k (L+1) + l and the rank-l monomials in sorted-index order; then the edge moments
+        # are f[:, k, l] times the rank-l monomials, built by broadcasting (no column gathers)
+        self.canonical_shape = _canonical_shape(program.basic)
+        if self.canonical_shape is not None:
+            L = self.canonical_shape[1]
+            for rank in range(2, L + 1):
+                cols = torch.as_tensor(
+                    list(itertools.combinations_with_replacement(range(3), rank)), dtype=torch.long
+                )
+                for axis in range(rank):
+                    self.register_buffer(
+                        f"rank{rank}_axis{axis}", cols[:, axis].contiguous(), persistent=False
+                    )
         mu = [e[0] for e in program.basic]
         # distinct monomials u_x^a u_y^b u_z^c, each computed once per edge
         monomials = list(dict.fromkeys(e[1:] for e in program.basic))
@@ -90,41 +105,82 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}"
         )
 
-    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        data = with_edge_vectors_(data, with_lengths=True)
-        radial = data[self.in_field]  # [num_edges, N_mu]
-        vec = data[AtomicDataDict.EDGE_VECTORS_KEY].to(radial.dtype)
-        length = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1, 1).to(radial.dtype)
-        u = vec / length
+    def _canonical_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``f_{k,l} u^{(x)l}`` (symmetric components), canonical layout, [n_basic, E]."""
+        K, L = self.canonical_shape
+        f = radial.reshape(K, L + 1, -1)
+        parts = [f[:, :1]]
+        if L >= 1:
+            parts.append(f[:, 1:2] * u.unsqueeze(0))
+        for rank in range(2, L + 1):
+            mono = u.index_select(0, getattr(self, f"rank{rank}_axis0"))
+            for axis in range(1, rank):
+                mono = mono * u.index_select(0, getattr(self, f"rank{rank}_axis{axis}"))
+            parts.append(f[:, rank : rank + 1] * mono.unsqueeze(0))
+        return torch.cat(parts, dim=1).reshape(self.num_basic, -1)
+
+    def _generic_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``f_mu u_x^a u_y^b u_z^c`` for any basic-slot list, [n_basic, E]."""
         powers = [torch.ones_like(u), u]
         for _ in range(2, self.max_power + 1):
             powers.append(powers[-1] * u)
-        # [num_edges, 3 * (max_power + 1)]: u_x^0..u_x^P, u_y^0.., u_z^0..
-        table = torch.stack(powers[: self.max_power + 1], dim=-1).reshape(
-            -1, 3 * (self.max_power + 1)
+        # [3 * (max_power + 1), E]: u_x^0..u_x^P, u_y^0.., u_z^0..
+        table = torch.stack(powers[: self.max_power + 1], dim=1).reshape(
+            3 * (self.max_power + 1), -1
         )
         monomials = (
-            table.index_select(1, self.monomial_px)
-            * table.index_select(1, self.monomial_py)
-            * table.index_select(1, self.monomial_pz)
+            table.index_select(0, self.monomial_px)
+            * table.index_select(0, self.monomial_py)
+            * table.index_select(0, self.monomial_pz)
         )
-        edge_moments = radial.index_select(1, self.basic_mu) * monomials.index_select(
-            1, self.basic_monomial
+        return radial.index_select(0, self.basic_mu) * monomials.index_select(
+            0, self.basic_monomial
         )
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        # feature-major layout ([features, edges] / [slots, atoms]): every elementwise op runs
+        # over contiguous rows; fields keep NequIP's [edges, features] shape as transposed views
+        data = with_edge_vectors_(data, with_lengths=True)
+        radial = data[self.in_field].T  # [N_mu, E]
+        vec = data[AtomicDataDict.EDGE_VECTORS_KEY].to(radial.dtype).T  # [3, E]
+        length = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(radial.dtype)  # [E]
+        u = vec / length
+        if self.canonical_shape is not None:
+            edge_moments = self._canonical_edge_moments(radial, u)
+        else:
+            edge_moments = self._generic_edge_moments(radial, u)
         num_nodes = AtomicDataDict.num_nodes(data)
-        basic = edge_moments.new_zeros(num_nodes, self.num_basic).index_add(
-            0, data[AtomicDataDict.EDGE_INDEX_KEY][0], edge_moments
+        basic = edge_moments.new_zeros(self.num_basic, num_nodes).index_add(
+            1, data[AtomicDataDict.EDGE_INDEX_KEY][0], edge_moments
         )
         moments = torch.cat(
-            [basic, basic.new_zeros(basic.shape[0], self.num_slots - self.num_basic)], dim=1
+            [basic, basic.new_zeros(self.num_slots - self.num_basic, num_nodes)], dim=0
         )
         for s in range(len(self.stage_bounds) - 1):
             lo, hi = self.stage_bounds[s], self.stage_bounds[s + 1]
             prod = (
-                moments.index_select(1, self.times_p[lo:hi])
-                * moments.index_select(1, self.times_q[lo:hi])
-                * self.times_m[lo:hi]
+                moments.index_select(0, self.times_p[lo:hi])
+                * moments.index_select(0, self.times_q[lo:hi])
+                * self.times_m[lo:hi].unsqueeze(-1)
             )
-            moments = moments.index_add(1, self.times_o[lo:hi], prod)
-        data[self.out_field] = moments.index_select(1, self.mapping)
+            moments = moments.index_add(0, self.times_o[lo:hi], prod)
+        data[self.out_field] = moments.index_select(0, self.mapping).T  # [atoms, N_B]
         return data
+
+
+def _canonical_shape(basic) -> tuple[int, int] | None:
+    """``(K, L)`` if the basic slots have the canonical layout of spec §6, else ``None``."""
+    if not basic:
+        return None
+    L = max(a + b + c for _, a, b, c in basic)
+    n_mu = max(e[0] for e in basic) + 1
+    if n_mu % (L + 1):
+        return None
+    K = n_mu // (L + 1)
+    canonical = [
+        (k * (L + 1) + rank, idx.count(0), idx.count(1), idx.count(2))
+        for k in range(K)
+        for rank in range(L + 1)
+        for idx in itertools.combinations_with_replacement(range(3), rank)
+    ]
+    return (K, L) if [tuple(e) for e in basic] == canonical else None

@@ -10,12 +10,12 @@ from nequip.nn.utils import with_edge_vectors_
 from .._keys import RADIAL_BASIS_KEY, SCALED_DISTANCE_KEY
 
 
-def chebyshev_polynomials(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``T_0(x) .. T_{n-1}(x)`` stacked on a new last axis (T_{k+1} = 2x T_k - T_{k-1})."""
+def chebyshev_polynomials(x: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """``T_0(x) .. T_{n-1}(x)`` stacked on a new axis ``dim`` (T_{k+1} = 2x T_k - T_{k-1})."""
     polys = [torch.ones_like(x), x]
     for _ in range(2, n):
         polys.append(2.0 * x * polys[-1] - polys[-2])
-    return torch.stack(polys[:n], dim=-1)
+    return torch.stack(polys[:n], dim=dim)
 
 
 class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
@@ -56,12 +56,10 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         data = with_edge_vectors_(data, with_lengths=True)
-        xi = data[self.in_field]  # [num_edges, N_eta]
-        r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1, 1).to(xi.dtype)
-        d = r - self.r_max
+        xi = data[self.in_field].T  # [N_eta, E] (feature-major)
+        d = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(xi.dtype) - self.r_max  # [E]
         envelope = torch.where(d < 0, self.radial_scaling * d * d, torch.zeros_like(d))
-        # [num_edges, N_eta, R]
-        data[self.out_field] = chebyshev_polynomials(
-            xi, self.radial_basis_size
-        ) * envelope.unsqueeze(-1)
+        # [N_eta, R, E] in memory, exposed as the [E, N_eta, R] field
+        q = chebyshev_polynomials(xi, self.radial_basis_size, dim=1) * envelope
+        data[self.out_field] = q.permute(2, 0, 1)
         return data

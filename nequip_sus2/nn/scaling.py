@@ -14,6 +14,7 @@ from nequip.nn import GraphModuleMixin, model_modifier
 from nequip.nn.utils import with_edge_vectors_
 
 from .._keys import SCALED_DISTANCE_KEY
+from .freezing import set_block_trainable
 
 
 class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
@@ -65,22 +66,18 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         Sets ``requires_grad`` of every ``alpha`` and ``r0`` in the model, as the original SUS2
         code's fine-tuning does; use it on a packaged model with ``nequip.model.modify``.
         """
-        for module in model.modules():
-            if isinstance(module, cls):
-                module.alpha.requires_grad_(not frozen)
-                module.r0.requires_grad_(not frozen)
-        return model
+        return set_block_trainable(model, cls, ("alpha", "r0"), not frozen)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         data = with_edge_vectors_(data, with_lengths=True)
-        r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1, 1).to(self.alpha.dtype)
+        r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(self.alpha.dtype)  # [E]
         types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
         pair = types.index_select(0, edge_index[0]) * self.num_types + types.index_select(
             0, edge_index[1]
         )
-        # one [C*C, 2 N_eta] table gathered by ordered pair -> [num_edges, 2 N_eta]
-        table = torch.cat([self.alpha, self.r0], dim=0).reshape(2 * self.num_channels, -1).T
-        alpha, r0 = torch.nn.functional.embedding(pair, table).chunk(2, dim=1)
-        data[self.out_field] = torch.tanh(0.5 * alpha * (r - r0))
+        # one [2 N_eta, C*C] table gathered by ordered pair -> [2 N_eta, E] (feature-major)
+        table = torch.cat([self.alpha, self.r0], dim=0).reshape(2 * self.num_channels, -1)
+        alpha, r0 = table.index_select(1, pair).chunk(2, dim=0)
+        data[self.out_field] = torch.tanh(0.5 * alpha * (r - r0)).T  # [E, N_eta] view
         return data

@@ -1,0 +1,92 @@
+"""``nequip-compile --target pair_sus2``: a strictly local model for multi-rank LAMMPS.
+
+LAMMPS hands each MPI rank its local atoms followed by ghost atoms (copies of atoms owned by
+other ranks, or periodic images); a strictly local model then needs no cell and no cell shifts:
+
+* inputs ``pos`` ``[N, 3]`` (local then ghost atoms), ``edge_index`` ``[2, E]`` (centre
+  ``edge_index[0]`` always a local atom), ``atom_types`` ``[N]``;
+* outputs ``atomic_energy`` ``[N, 1]`` (the pair style sums the local rows only), ``forces``
+  ``[N, 3]`` (ghost rows are folded back onto their owners by LAMMPS) and ``virial``
+  ``[1, 3, 3]`` (this rank's share).
+
+This is exactly the contract of ``pair_allegro`` (nequip-allegro), so a ``pair_sus2`` file also
+runs under ``pair_style allegro`` of ``pair_nequip_allegro``; it is registered here so that
+compiling does not need nequip-allegro. Only strictly local models (SUS2 is) give correct
+results with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PAIR_SUS2_TARGET", "PAIR_SUS2_INPUTS", "ghost_atom_data", "register_compile_target"]
+
+#: ``nequip-compile --target`` name for ``pair_style sus2`` (and ``pair_style allegro``)
+PAIR_SUS2_TARGET = "pair_sus2"
+#: the target's input fields, in the order the compiled model takes them
+PAIR_SUS2_INPUTS = ("pos", "edge_index", "atom_types")
+
+
+def ghost_atom_data(data: dict[str, Any]) -> dict[str, Any]:
+    """One frame of ``data`` in the local + ghost form LAMMPS produces.
+
+    Every distinct (neighbour, cell shift) pair with a nonzero shift becomes one ghost atom at
+    ``pos[j] + shift @ cell`` appended after the original atoms, and the edges point to it; the
+    cell, the shifts and the batch fields are dropped. Atoms without a periodic image are
+    unchanged, so the model's energy and forces on the original atoms are unchanged.
+    """
+    import torch
+    from nequip.data import AtomicDataDict
+
+    data = dict(data)
+    if AtomicDataDict.BATCH_KEY in data:
+        num_frames = int(data[AtomicDataDict.NUM_NODES_KEY].numel())
+        if num_frames != 1:
+            raise ValueError(f"{PAIR_SUS2_TARGET} compiles single frames, got {num_frames}")
+        data.pop(AtomicDataDict.BATCH_KEY)
+        data.pop(AtomicDataDict.NUM_NODES_KEY)
+    shift_key = AtomicDataDict.EDGE_CELL_SHIFT_KEY
+    if shift_key not in data:
+        return data
+    pos = data[AtomicDataDict.POSITIONS_KEY]
+    types = data[AtomicDataDict.ATOM_TYPE_KEY]
+    edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+    shifts = data.pop(shift_key)
+    cell = data.pop(AtomicDataDict.CELL_KEY).reshape(3, 3).to(pos.dtype)
+    data.pop(AtomicDataDict.PBC_KEY, None)
+
+    periodic = (shifts != 0).any(dim=1)
+    images = torch.cat(
+        [edge_index[1, periodic].unsqueeze(1), shifts[periodic].round().to(torch.long)], dim=1
+    )
+    unique, which = torch.unique(images, dim=0, return_inverse=True)
+    ghost_pos = pos[unique[:, 0]] + unique[:, 1:].to(pos.dtype) @ cell
+    edge_index = edge_index.clone()
+    edge_index[1, periodic] = pos.shape[0] + which
+    data[AtomicDataDict.POSITIONS_KEY] = torch.cat([pos, ghost_pos], dim=0)
+    data[AtomicDataDict.ATOM_TYPE_KEY] = torch.cat([types, types[unique[:, 0]]], dim=0)
+    data[AtomicDataDict.EDGE_INDEX_KEY] = edge_index
+    return data
+
+
+def register_compile_target() -> None:
+    """Register ``--target pair_sus2`` with ``nequip-compile`` (idempotent, light)."""
+    from nequip.scripts._compile_utils import (
+        COMPILE_TARGET_DICT,
+        LMP_OUTPUTS,
+        register_compile_targets,
+        single_frame_batch_map_settings,
+    )
+
+    if PAIR_SUS2_TARGET in COMPILE_TARGET_DICT:
+        return
+    register_compile_targets(
+        {
+            PAIR_SUS2_TARGET: {
+                "input": list(PAIR_SUS2_INPUTS),
+                "output": list(LMP_OUTPUTS),
+                "batch_map_settings": single_frame_batch_map_settings,
+                "data_settings": ghost_atom_data,
+            }
+        }
+    )
