@@ -136,6 +136,8 @@ def mean_neighbours(r_max: float) -> float:
 def _call_seconds(bm, data) -> float:
     t0 = time.perf_counter()
     bm._call(dict(data))
+    if bm.device.type == "cuda":
+        torch.cuda.synchronize(bm.device)
     return time.perf_counter() - t0
 
 
@@ -153,14 +155,6 @@ def time_interleaved(models, atoms, min_time: float, max_rounds: int) -> dict[st
             times[name].append(_call_seconds(bm, datas[name]))
         rounds += 1
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_memory_mb(bm, atoms) -> float | None:
-    from nequip_sus2.bench.cost import _profiled_peak_bytes
-
-    data = bm.atoms_to_data(atoms)
-    peak = _profiled_peak_bytes(lambda: bm._call(dict(data)))
-    return None if peak is None else peak / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +256,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--no-compile", action="store_true", help="eager models only")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per size and threads")
     p.add_argument("--train-structures", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="sizes 256-2000, 1 thread, short runs")
@@ -270,7 +265,7 @@ def main(argv=None) -> dict:
         args.sizes, args.threads, args.min_time = [256, 1000, 2000], [1], 1.0
         args.train_structures = 16
     args.out.mkdir(parents=True, exist_ok=True)
-    from nequip_sus2.bench.cost import aoti_compile
+    from nequip_sus2.bench.cost import _peak_memory_mb, aoti_compile
     from nequip_sus2.bench.models import load_bench_model
 
     torch.set_num_threads(1)
@@ -278,7 +273,7 @@ def main(argv=None) -> dict:
     eager = build_models(avg_nn)
     params = {name: int(sum(p.numel() for p in m.parameters())) for name, m in eager.items()}
     bench = {
-        f"{name} eager": load_bench_model(m, device="cpu", name=f"{name} eager")
+        f"{name} eager": load_bench_model(m, device=args.device, name=f"{name} eager")
         for name, m in eager.items()
     }
     compile_seconds = {}
@@ -311,12 +306,12 @@ def main(argv=None) -> dict:
             print(f"[{threads} thread(s), {len(atoms)} atoms] us/atom-step: {line}", flush=True)
     torch.set_num_threads(1)
     mem_atoms = alloy_cell(2000)
-    results["peak_memory_MB_per_1000_atoms"] = {
-        name: (lambda mb: None if mb is None else 1000 * mb / len(mem_atoms))(
-            peak_memory_mb(bm, mem_atoms)
+    results["peak_memory_MB_per_1000_atoms"] = {}
+    for name, bm in bench.items():
+        mb = _peak_memory_mb(bm, mem_atoms)  # CUDA allocator stats, or CPU profiler events
+        results["peak_memory_MB_per_1000_atoms"][name] = (
+            None if mb is None else 1000 * mb / len(mem_atoms)
         )
-        for name, bm in bench.items()
-    }
     print("training throughput on alloy_train.cfg ...", flush=True)
     train_models = {
         "SUS2-alloy-f32": eager["SUS2-alloy-f32"],
@@ -411,12 +406,16 @@ def _plot(results: dict, path: Path) -> None:
 
     threads = sorted({r["threads"] for r in results["inference"]})
     fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4.5), squeeze=False)
+    names = list(dict.fromkeys(r["model"] for r in results["inference"]))
+    bases = list(dict.fromkeys(m.rsplit(" ", 1)[0] for m in names))
+    colours = {b: f"C{k}" for k, b in enumerate(bases)}  # one colour per model, style per variant
     for ax, t in zip(axes[0], threads, strict=True):
-        for m in dict.fromkeys(r["model"] for r in results["inference"]):
+        for m in names:
             rows = sorted((r["atoms"], r["atom_steps_per_s"]) for r in results["inference"]
                           if r["model"] == m and r["threads"] == t)  # fmt: skip
             style = "-" if m.endswith("AOTI") else "--"
-            ax.plot(*zip(*rows, strict=True), style, marker="o", label=m)
+            base = m.rsplit(" ", 1)[0]
+            ax.plot(*zip(*rows, strict=True), style, marker="o", color=colours[base], label=m)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("atoms")
