@@ -8,8 +8,10 @@ SCALED_DISTANCE_KEY = "sus2_scaled_distance"
 RADIAL_BASIS_KEY = "sus2_radial_basis"
 #: per atom: the scalar basis functions B_a(i) the linear readout sees  [num_atoms, N_B]
 SCALAR_BASIS_KEY = "sus2_scalar_basis"
+#: per atom: the extrapolation grade gamma(i) >= 0 of its environment  [num_atoms, 1]
+EXTRAPOLATION_GRADE_KEY = "sus2_extrapolation_grade"
 
 register_fields(
-    node_fields=[SCALAR_BASIS_KEY],
+    node_fields=[SCALAR_BASIS_KEY, EXTRAPOLATION_GRADE_KEY],
     edge_fields=[SCALED_DISTANCE_KEY, RADIAL_BASIS_KEY],
 )

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
+
 __all__ = [
     "ActiveSet",
     "MaxVolResult",
@@ -52,7 +54,6 @@ __all__ = [
 
 #: ``nequip-compile --target`` for the ASE calculator with the extrapolation grade as an output
 SUS2_ASE_TARGET = "sus2_ase"
-_GRADE_KEY = "sus2_extrapolation_grade"  # == nequip_sus2.nn.extrapolation.EXTRAPOLATION_GRADE_KEY
 _GRADE_MODULE_NAME = "extrapolation_grade"
 _PACKAGE_SUFFIX = ".nequip.zip"
 #: residual scale given to species without any training environment (gamma becomes huge)

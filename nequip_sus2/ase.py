@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from nequip.integrations.ase import NequIPCalculator
 
+from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
 from .active_set import SUS2_ASE_TARGET, register_compile_targets
 
 __all__ = ["ExtrapolationError", "ExtrapolationMonitor", "SUS2Calculator"]
-
-_GRADE_KEY = "sus2_extrapolation_grade"
 
 register_compile_targets()
 

@@ -65,8 +65,8 @@ def run_md(
     """NVT (Langevin) then NVE (velocity Verlet) of a 256-atom random fcc alloy, 1 fs steps."""
     from ase import units
     from ase.build import bulk
-    from ase.md.langevin import Langevin
     from ase.md import velocitydistribution
+    from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
     from nequip.integrations.ase import NequIPCalculator
 

@@ -43,7 +43,9 @@ def _random_structure(rng: np.random.Generator, n_types: int, r_max: float):
     a = rng.uniform(3.5, 4.2)
     reps = rng.integers(1, 3, size=3)
     base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    grid = np.array([[i, j, k] for i in range(reps[0]) for j in range(reps[1]) for k in range(reps[2])])
+    grid = np.array(
+        [[i, j, k] for i in range(reps[0]) for j in range(reps[1]) for k in range(reps[2])]
+    )
     frac = (base[None] + grid[:, None]).reshape(-1, 3) / reps
     cell = np.diag(a * reps) + rng.normal(0, 0.15, (3, 3))
     pos = frac @ cell + rng.normal(0, 0.12, (len(frac), 3))
@@ -59,9 +61,10 @@ def _evaluate(model, data, with_param_grads: bool = False):
         "virial": out[AtomicDataDict.VIRIAL_KEY].detach().clone(),
     }
     if with_param_grads:
-        loss = out[AtomicDataDict.TOTAL_ENERGY_KEY].square().sum() + out[
-            AtomicDataDict.FORCE_KEY
-        ].square().sum()
+        loss = (
+            out[AtomicDataDict.TOTAL_ENERGY_KEY].square().sum()
+            + out[AtomicDataDict.FORCE_KEY].square().sum()
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params)
         res.update({f"grad{k}": g.detach().clone() for k, g in enumerate(grads)})

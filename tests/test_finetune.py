@@ -116,9 +116,7 @@ def test_frozen_blocks_survive_training_packaging_and_compile(tmp_path):
     from nequip.model import ModelFromCheckpoint, ModelFromPackage
 
     start = write_package(_small_model(), tmp_path / "start.nequip.zip")
-    reference = {
-        k: v.detach().clone() for k, v in _blocks(ModelFromPackage(str(start))).items()
-    }
+    reference = {k: v.detach().clone() for k, v in _blocks(ModelFromPackage(str(start))).items()}
     data = write_emt_dataset(tmp_path / "emt.xyz", n_structures=30, seed=5)
     run_dir = tmp_path / "run"
     _run(

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 from nequip.data import AtomicDataDict
-from nequip.data._key_registry import register_fields
 from nequip.nn import GraphModuleMixin
 
-from .._keys import SCALAR_BASIS_KEY
-
-#: per atom: the extrapolation grade gamma(i) >= 0 of its environment  [num_atoms, 1]
-EXTRAPOLATION_GRADE_KEY = "sus2_extrapolation_grade"
-
-register_fields(node_fields=[EXTRAPOLATION_GRADE_KEY])
+from .._keys import EXTRAPOLATION_GRADE_KEY, SCALAR_BASIS_KEY
 
 
 class ExtrapolationGrade(GraphModuleMixin, torch.nn.Module):
