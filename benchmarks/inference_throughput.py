@@ -227,16 +227,10 @@ def training_throughput(
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from nequip_sus2.bench.runner import cpu_model
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "logical_cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

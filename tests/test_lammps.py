@@ -11,6 +11,7 @@ fixtures; the two targets compile concurrently).
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -128,7 +129,9 @@ def plugin(tmp_path_factory) -> Path:
 
 
 def _compile(source: Path, out_dir: Path, stem: str, targets: list[str]) -> dict[str, Path]:
-    """``nequip-compile`` one model for several targets at once (one process per target)."""
+    """``nequip-compile`` one model for several targets at once (one process per target, each
+    with its own inductor cache: concurrent compiles of the same kernels into one shared cache
+    can load each other's half-written files)."""
     paths = {t: out_dir / f"{stem}_{t}.nequip.pt2" for t in targets}
     procs = {
         t: subprocess.Popen(
@@ -138,6 +141,7 @@ def _compile(source: Path, out_dir: Path, stem: str, targets: list[str]) -> dict
             stderr=subprocess.STDOUT,
             text=True,
             cwd=out_dir,
+            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out_dir / f"inductor_{t}")},
         )
         for t, p in paths.items()
     }

@@ -84,16 +84,23 @@ def _environment(device: torch.device) -> dict[str, Any]:
         env["nequip_allegro"] = getattr(allegro, "__version__", "?")
     except ImportError:
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
+    if cpu is not None:
+        env["cpu"] = cpu
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (``None`` where that is not available)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _common_type_names(models: Sequence[BenchModel]) -> list[str] | None:

@@ -48,16 +48,17 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         # mu = k (L+1) + l and the rank-l monomials in sorted-index order; then the edge moments
         # are f[:, k, l] times the rank-l monomials, built by broadcasting (no column gathers)
         self.canonical_shape = _canonical_shape(program.basic)
-        if self.canonical_shape is not None:
-            L = self.canonical_shape[1]
-            for rank in range(2, L + 1):
-                cols = torch.as_tensor(
-                    list(itertools.combinations_with_replacement(range(3), rank)), dtype=torch.long
-                )
-                for axis in range(rank):
-                    self.register_buffer(
-                        f"rank{rank}_axis{axis}", cols[:, axis].contiguous(), persistent=False
-                    )
+        # the sorted index tuples of the rank-l monomials (xx, xy, ..., zz; xxx, ...), unrolled
+        # into row products at trace time: Inductor's vectorised CPU code for row gathers
+        # (index_select) of this array was miscompiled for graphs without a cell input
+        self.monomial_indices = (
+            [
+                list(itertools.combinations_with_replacement(range(3), r))
+                for r in range(self.canonical_shape[1] + 1)
+            ]
+            if self.canonical_shape is not None
+            else []
+        )
         mu = [e[0] for e in program.basic]
         # distinct monomials u_x^a u_y^b u_z^c, each computed once per edge
         monomials = list(dict.fromkeys(e[1:] for e in program.basic))
@@ -113,10 +114,13 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         if L >= 1:
             parts.append(f[:, 1:2] * u.unsqueeze(0))
         for rank in range(2, L + 1):
-            mono = u.index_select(0, getattr(self, f"rank{rank}_axis0"))
-            for axis in range(1, rank):
-                mono = mono * u.index_select(0, getattr(self, f"rank{rank}_axis{axis}"))
-            parts.append(f[:, rank : rank + 1] * mono.unsqueeze(0))
+            rows = []
+            for index in self.monomial_indices[rank]:
+                mono = u[index[0]]
+                for axis in index[1:]:
+                    mono = mono * u[axis]
+                rows.append(mono)
+            parts.append(f[:, rank : rank + 1] * torch.stack(rows, dim=0).unsqueeze(0))
         return torch.cat(parts, dim=1).reshape(self.num_basic, -1)
 
     def _generic_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
