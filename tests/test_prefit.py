@@ -255,3 +255,35 @@ def test_prefit_callback_reaches_the_error_in_fewer_epochs(tmp_path):
     assert all(h["loss_after"] < h["loss_before"] for h in history)
     # the first validation (after one epoch) already profits from the start-of-training solve
     assert arm["run"]["val"][0] < res["plain"]["val"][0]
+
+
+def test_periodic_solve_is_skipped_when_max_time_would_be_exceeded(monkeypatch):
+    """With trainer.max_time, a re-solve that took longer than the time left is skipped; the
+    first solve always runs, and without a time limit every due solve runs."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from nequip_sus2.train.prefit import LinearPrefit
+
+    callback = LinearPrefit(at_start=True, every_n_epochs=1)
+    calls = []
+    monkeypatch.setattr(
+        callback, "run", lambda trainer, module: calls.append(trainer.current_epoch)
+    )
+
+    def trainer(epoch: int, duration: str | None):
+        callbacks = [] if duration is None else [Timer(duration=duration)]
+        return SimpleNamespace(current_epoch=epoch, global_step=epoch, callbacks=callbacks)
+
+    callback.on_train_epoch_start(trainer(0, "00:00:00:05"), None)  # first: always
+    assert calls == [0]
+    callback.history.append({"epoch": 0})
+    callback.last_solve_seconds = 60.0
+    callback.on_train_epoch_start(trainer(1, "00:00:00:05"), None)  # 5 s left < 60 s
+    assert calls == [0]
+    callback.on_train_epoch_start(trainer(2, "00:01:00:00"), None)  # an hour left
+    assert calls == [0, 2]
+    callback.last_solve_seconds = 1e9
+    callback.on_train_epoch_start(trainer(3, None), None)  # no time limit
+    assert calls == [0, 2, 3]

@@ -44,12 +44,13 @@ subsequent gradient steps on the nonlinear parameters unstable.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import lightning
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from nequip.data import AtomicDataDict
 from nequip.utils import RankedLogger
 
@@ -693,6 +694,7 @@ class LinearPrefit(Callback):
         self.update_ema = update_ema
         self.reset_optimizer_state = reset_optimizer_state
         self.history: list[dict] = []
+        self.last_solve_seconds: float | None = None
 
     def _due(self, trainer: lightning.Trainer) -> bool:
         epoch = trainer.current_epoch
@@ -700,10 +702,31 @@ class LinearPrefit(Callback):
             return self.at_start
         return self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0
 
+    @staticmethod
+    def _time_left(trainer: lightning.Trainer) -> float | None:
+        """Seconds left of ``trainer.max_time`` (``None`` without a time limit)."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer):
+                return callback.time_remaining("train")
+        return None
+
     def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module) -> None:
         if not self._due(trainer):
             return
+        # Lightning checks max_time only between batches: a periodic re-solve that cannot finish
+        # in the time left would overrun the budget, so it is skipped (the first solve never is)
+        left = self._time_left(trainer)
+        if self.history and self.last_solve_seconds is not None and left is not None:
+            if left < self.last_solve_seconds:
+                logger.info(
+                    f"LinearPrefit: skipping the epoch-{trainer.current_epoch} solve: the last "
+                    f"took {self.last_solve_seconds:.0f} s, {max(left, 0):.0f} s of "
+                    "trainer.max_time are left"
+                )
+                return
+        start = time.perf_counter()
         self.run(trainer, pl_module)
+        self.last_solve_seconds = time.perf_counter() - start
 
     def run(self, trainer: lightning.Trainer, pl_module) -> list[PrefitResult]:
         """Solve now (for every model of ``pl_module``) and set the parameters."""
