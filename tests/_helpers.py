@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 from nequip.data import AtomicDataDict, compute_neighborlist_, from_dict
 
@@ -42,3 +44,10 @@ def build(builder, **kwargs):
     if not global_state_initialized():
         set_global_state()
     return builder(**kwargs)
+
+
+def run_ok(cmd: list[str], cwd=None, timeout: float = 900, env=None) -> subprocess.CompletedProcess:
+    """Run a command (e.g. ``nequip-train``); assert it succeeded, showing its output tail."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

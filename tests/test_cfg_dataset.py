@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import build, predict
+from _helpers import build, predict, run_ok
 from conftest import SHARED, require_reference
 from nequip.data import AtomicDataDict, from_ase
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
@@ -223,8 +222,7 @@ def test_train_config_reads_cfg_directly(tmp_path):
         "-cp", str(CONFIGS), "-cn", "alloy_cfg_direct.yaml",
         f"data_file={data}", "max_epochs=4", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ok(cmd)
     metrics = next(run_dir.glob("metrics/version_*/metrics.csv"))
     train = _epoch_series(metrics, "train_loss_epoch/weighted_sum")
     val = _epoch_series(metrics, "val0_epoch/weighted_sum")

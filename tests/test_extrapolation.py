@@ -4,14 +4,13 @@ monitor, select-add, and (slow) checkpoints, packages and the AOTI-compiled calc
 from __future__ import annotations
 
 import itertools
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import build
+from _helpers import build, run_ok
 from ase import Atoms
 from ase.build import bulk
 from nequip.data import AtomicDataDict
@@ -315,12 +314,6 @@ def test_select_add_picks_the_new_environments(model_and_set):
     assert gamma2[[1, 3]].max() <= 1 + TOL + 1e-6
 
 
-def _run(cmd, timeout=900):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 # ----------------------------------------------------------------------------------------------
 # saved models (slow: a short nequip-train run, packaging, AOTI compilation)
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +330,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     data = write_emt_dataset(tmp / "emt.xyz", n_structures=30, seed=0)
     run_dir = tmp / "run"
-    _run(
+    run_ok(
         [
             sys.executable, "-m", "nequip.scripts.train", "-cp", str(CONFIGS),
             "-cn", "tutorial_prefit.yaml", f"data_file={data}", "max_epochs=1", "run=[train]",
@@ -419,7 +412,7 @@ def test_aoti_compiled_calculator_returns_the_eager_grade(trained, tmp_path):
         "import sys; import nequip_sus2.active_set as a; a.register_compile_targets(); "
         "from nequip.scripts.compile import main; main(sys.argv[1:])"
     )
-    _run(
+    run_ok(
         [
             sys.executable, "-c", script, str(pkg), str(compiled), "--mode", "aotinductor",
             "--device", "cpu", "--target", "sus2_ase",

@@ -3,7 +3,6 @@ element embedding (c, w) stay bit-identical through training, packaging and AOTI
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import build
+from _helpers import build, run_ok
 
 from nequip_sus2.data.emt import ELEMENTS, write_emt_dataset
 from nequip_sus2.interop import example_data, write_package
@@ -94,11 +93,6 @@ def test_freeze_modifiers_reject_models_without_the_block(cls):
         getattr(cls, name)(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def _compiled_constants(pt2: Path, workdir: Path) -> list[torch.Tensor]:
     """The constants (weights) baked into an AOTInductor ``.pt2``'s shared library."""
     with zipfile.ZipFile(pt2) as zf:
@@ -119,7 +113,7 @@ def test_frozen_blocks_survive_training_packaging_and_compile(tmp_path):
     reference = {k: v.detach().clone() for k, v in _blocks(ModelFromPackage(str(start))).items()}
     data = write_emt_dataset(tmp_path / "emt.xyz", n_structures=30, seed=5)
     run_dir = tmp_path / "run"
-    _run(
+    run_ok(
         [
             sys.executable, "-m", "nequip.scripts.train",
             "-cp", str(CONFIGS), "-cn", "finetune_tutorial.yaml",
@@ -138,7 +132,7 @@ def test_frozen_blocks_survive_training_packaging_and_compile(tmp_path):
 
     # packaging: values and the frozen state (a persistent modifier) are carried
     package = tmp_path / "tuned.nequip.zip"
-    _run([sys.executable, "-m", "nequip.scripts.package", "build", str(run_dir / "last.ckpt"),
+    run_ok([sys.executable, "-m", "nequip.scripts.package", "build", str(run_dir / "last.ckpt"),
           str(package)], tmp_path)  # fmt: skip
     packaged = _blocks(ModelFromPackage(str(package)))
     for key in FROZEN:
@@ -150,7 +144,7 @@ def test_frozen_blocks_survive_training_packaging_and_compile(tmp_path):
     # species weights w are not listed as a separate constant by AOTInductor; the energies
     # below cover them)
     pt2 = tmp_path / "tuned.nequip.pt2"
-    _run([sys.executable, "-m", "nequip.scripts.compile", str(package), str(pt2),
+    run_ok([sys.executable, "-m", "nequip.scripts.compile", str(package), str(pt2),
           "--mode", "aotinductor", "--device", "cpu", "--target", "ase"], tmp_path)  # fmt: skip
     constants = _compiled_constants(pt2, tmp_path / "unzipped")
     for key in ("scaling.alpha", "scaling.r0", "embedding.coeffs", "readout.theta"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import run_ok
 from conftest import SPECIES, require_reference
 
 from nequip_sus2.lammps.target import PAIR_SUS2_INPUTS, PAIR_SUS2_TARGET, ghost_atom_data
@@ -180,8 +181,7 @@ def tutorial(plugin, tmp_path_factory) -> dict:
         f"data_file={data}", "max_epochs=1", f"hydra.run.dir={run_dir}",
         "trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ok(cmd, cwd=out)
     paths = _compile(run_dir / "best.ckpt", out, "tutorial", [PAIR_SUS2_TARGET, "ase"])
     return {"lmp": paths[PAIR_SUS2_TARGET], "ase": paths["ase"], "float64": False}
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers import run_ok
 
 from nequip_sus2.data.emt import write_emt_dataset
 
@@ -30,8 +30,7 @@ def test_tutorial_config_trains(tmp_path):
         f"data_file={data}", "max_epochs=6", f"hydra.run.dir={run_dir}",
         "trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ok(cmd)
     metrics = next(run_dir.glob("metrics/version_*/metrics.csv"))
     val = _epoch_series(metrics, "val0_epoch/weighted_sum")
     train = _epoch_series(metrics, "train_loss_epoch/weighted_sum")
