@@ -57,8 +57,7 @@ DEFAULT_SIZES = (256, 500, 1000, 2000, 4000, 8000, 16000)
 
 def _model_block(config: str, key: str) -> dict:
     cfg = yaml.safe_load((CONFIGS / config).read_text())
-    block = cfg["training_module"]["model"] if key == "training_module" else cfg[key]
-    return {k: v for k, v in block.items()}
+    return cfg["training_module"]["model"] if key == "training_module" else cfg[key]
 
 
 def _instantiate(block: dict, type_names, r_max: float, dtype: str, avg_nn: float):
@@ -76,7 +75,8 @@ def _instantiate(block: dict, type_names, r_max: float, dtype: str, avg_nn: floa
         "per_type_energy_scales": 1.0,
     }
     for key, value in fill.items():
-        if key in block and (key in ("model_dtype",) or isinstance(block[key], str)):
+        # interpolations (strings such as ${seed}) and the dtype; literal numbers stay
+        if key in block and (key == "model_dtype" or isinstance(block[key], str)):
             block[key] = value
     return instantiate(block, _recursive_=False, _convert_="all")
 
