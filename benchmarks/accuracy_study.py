@@ -57,6 +57,8 @@ RUNS: dict[str, tuple[str, list[str], str]] = {
     **{f"mlearn_sus2_{e}": ("mlearn_sus2.yaml", [f"element={e}"], "mlearn") for e in ELEMENTS},
     "alloy_nequip_10": ("alloy_nequip.yaml", ["train_fraction=10"], "alloy"),
     "alloy_allegro_10": ("alloy_allegro.yaml", ["train_fraction=10"], "alloy"),
+    "alloy_nequip_30": ("alloy_nequip.yaml", ["train_fraction=30"], "alloy"),
+    "alloy_allegro_30": ("alloy_allegro.yaml", ["train_fraction=30"], "alloy"),
 }
 
 

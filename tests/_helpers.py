@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
+import torch
 from nequip.data import AtomicDataDict, compute_neighborlist_, from_dict
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # .cfg PlusStress order
@@ -51,3 +52,46 @@ def run_ok(cmd: list[str], cwd=None, timeout: float = 900, env=None) -> subproce
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def random_fcc_structure(rng: np.random.Generator, n_types: int, r_max: float):
+    """A rattled, sheared fcc cell with random species (periodic), as a NequIP data dict."""
+    a = rng.uniform(3.5, 4.2)
+    reps = rng.integers(1, 3, size=3)
+    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    grid = np.array(
+        [[i, j, k] for i in range(reps[0]) for j in range(reps[1]) for k in range(reps[2])]
+    )
+    frac = (base[None] + grid[:, None]).reshape(-1, 3) / reps
+    cell = np.diag(a * reps) + rng.normal(0, 0.15, (3, 3))
+    pos = frac @ cell + rng.normal(0, 0.12, (len(frac), 3))
+    types = rng.integers(0, n_types, len(frac))
+    return frame_data(types, pos, cell, r_max)
+
+
+def evaluate_model(model, data, with_param_grads: bool = False):
+    out = model(dict(data))
+    res = {
+        "energy": out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().clone(),
+        "forces": out[AtomicDataDict.FORCE_KEY].detach().clone(),
+        "virial": out[AtomicDataDict.VIRIAL_KEY].detach().clone(),
+    }
+    if with_param_grads:
+        loss = (
+            out[AtomicDataDict.TOTAL_ENERGY_KEY].square().sum()
+            + out[AtomicDataDict.FORCE_KEY].square().sum()
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params)
+        res.update({f"grad{k}": g.detach().clone() for k, g in enumerate(grads)})
+    return res
+
+
+def assert_same(fast: dict, generic: dict, rtol: float = 1e-10) -> None:
+    """Every entry of ``fast`` equals ``generic`` to ``rtol`` of its largest magnitude."""
+    assert fast.keys() == generic.keys()
+    for key in fast:
+        a, b = fast[key], generic[key]
+        scale = max(float(b.abs().max()), 1e-30)
+        err = float((a - b).abs().max())
+        assert err <= rtol * scale, f"{key}: max |fast - generic| = {err:.3e} (scale {scale:.3e})"

@@ -14,15 +14,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _helpers import build, frame_data
+from _helpers import assert_same, build, evaluate_model, frame_data, random_fcc_structure
 from conftest import GOLDEN, SPECIES, require_reference
-from nequip.data import AtomicDataDict
 
 from nequip_sus2.io.cfg import read_cfg
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
 from nequip_sus2.nn import MomentContraction
 
-RTOL = 1e-10
 EMT = ["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
 
 
@@ -36,48 +34,6 @@ def _generic_twin(model):
     twin = copy.deepcopy(model)
     _moments(twin).canonical_shape = None
     return twin
-
-
-def _random_structure(rng: np.random.Generator, n_types: int, r_max: float):
-    """A rattled, sheared fcc cell with random species (periodic), as a NequIP data dict."""
-    a = rng.uniform(3.5, 4.2)
-    reps = rng.integers(1, 3, size=3)
-    base = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    grid = np.array(
-        [[i, j, k] for i in range(reps[0]) for j in range(reps[1]) for k in range(reps[2])]
-    )
-    frac = (base[None] + grid[:, None]).reshape(-1, 3) / reps
-    cell = np.diag(a * reps) + rng.normal(0, 0.15, (3, 3))
-    pos = frac @ cell + rng.normal(0, 0.12, (len(frac), 3))
-    types = rng.integers(0, n_types, len(frac))
-    return frame_data(types, pos, cell, r_max)
-
-
-def _evaluate(model, data, with_param_grads: bool = False):
-    out = model(dict(data))
-    res = {
-        "energy": out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().clone(),
-        "forces": out[AtomicDataDict.FORCE_KEY].detach().clone(),
-        "virial": out[AtomicDataDict.VIRIAL_KEY].detach().clone(),
-    }
-    if with_param_grads:
-        loss = (
-            out[AtomicDataDict.TOTAL_ENERGY_KEY].square().sum()
-            + out[AtomicDataDict.FORCE_KEY].square().sum()
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, params)
-        res.update({f"grad{k}": g.detach().clone() for k, g in enumerate(grads)})
-    return res
-
-
-def _assert_same(fast: dict, generic: dict) -> None:
-    assert fast.keys() == generic.keys()
-    for key in fast:
-        a, b = fast[key], generic[key]
-        scale = max(float(b.abs().max()), 1e-30)
-        err = float((a - b).abs().max())
-        assert err <= RTOL * scale, f"{key}: max |fast - generic| = {err:.3e} (scale {scale:.3e})"
 
 
 @pytest.mark.parametrize(
@@ -106,10 +62,10 @@ def test_fast_path_equals_generic_path_on_random_structures(L, K, basis):
     generic = _generic_twin(model)
     rng = np.random.default_rng(L * 100 + K)
     for _ in range(3):
-        data = _random_structure(rng, len(EMT), 5.0)
-        _assert_same(
-            _evaluate(model, data, with_param_grads=True),
-            _evaluate(generic, data, with_param_grads=True),
+        data = random_fcc_structure(rng, len(EMT), 5.0)
+        assert_same(
+            evaluate_model(model, data, with_param_grads=True),
+            evaluate_model(generic, data, with_param_grads=True),
         )
 
 
@@ -123,7 +79,7 @@ def test_fast_path_equals_generic_path_on_reference_models(name):
     frames = read_cfg(require_reference(GOLDEN[name]))[:4]
     for frame in frames:
         data = frame_data(frame.types, frame.positions, frame.cell, r_max)
-        _assert_same(_evaluate(model, data), _evaluate(generic, data))
+        assert_same(evaluate_model(model, data), evaluate_model(generic, data))
 
 
 def test_non_canonical_programs_use_the_generic_path():

@@ -87,6 +87,10 @@ def test_plugin_sources_are_package_data():
     for name in ("pair_sus2.cpp", "pair_sus2.h", "sus2_model.cpp", "sus2_model.h"):
         assert (src / name).is_file(), name
     assert (src / "sus2_plugin.cpp").read_text().count("lammpsplugin_init") == 1
+    # the fused kernels are compiled into the plugin too
+    kernels = files("nequip_sus2.kernels") / "src"
+    for name in ("edge_moments.cpp", "contraction.cpp"):
+        assert "TORCH_LIBRARY_FRAGMENT(sus2" in (kernels / name).read_text(), name
 
 
 def test_cli_lammps_plugin_help(capsys):
@@ -129,15 +133,19 @@ def plugin(tmp_path_factory) -> Path:
     return path
 
 
-def _compile(source: Path, out_dir: Path, stem: str, targets: list[str]) -> dict[str, Path]:
+def _compile(
+    source: Path, out_dir: Path, stem: str, targets: list[str], fused: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """``nequip-compile`` one model for several targets at once (one process per target, each
     with its own inductor cache: concurrent compiles of the same kernels into one shared cache
-    can load each other's half-written files)."""
+    can load each other's half-written files); the targets in ``fused`` with the fused CPU
+    kernels (``--modifiers enable_fused_moments``)."""
     paths = {t: out_dir / f"{stem}_{t}.nequip.pt2" for t in targets}
     procs = {
         t: subprocess.Popen(
             [sys.executable, "-m", "nequip.scripts.compile", str(source), str(p)]
-            + ["--mode", "aotinductor", "--device", "cpu", "--target", t],
+            + ["--mode", "aotinductor", "--device", "cpu", "--target", t]
+            + (["--modifiers", "enable_fused_moments"] if t in fused else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -169,7 +177,9 @@ def alloy(plugin, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def tutorial(plugin, tmp_path_factory) -> dict:
-    """A tutorial-config SUS2 model (float32) trained for one epoch on 24 EMT structures."""
+    """A tutorial-config SUS2 model (float32) trained for one epoch on 24 EMT structures; its
+    LAMMPS file uses the fused CPU kernels (compiled into the plugin), its ASE file does not, so
+    the comparisons below also check the fused route against the PyTorch one."""
     from nequip_sus2.data.emt import write_emt_dataset
 
     out = tmp_path_factory.mktemp("tutorial")
@@ -182,7 +192,9 @@ def tutorial(plugin, tmp_path_factory) -> dict:
         "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     run_ok(cmd, cwd=out)
-    paths = _compile(run_dir / "best.ckpt", out, "tutorial", [PAIR_SUS2_TARGET, "ase"])
+    paths = _compile(
+        run_dir / "best.ckpt", out, "tutorial", [PAIR_SUS2_TARGET, "ase"], fused=(PAIR_SUS2_TARGET,)
+    )
     return {"lmp": paths[PAIR_SUS2_TARGET], "ase": paths["ase"], "float64": False}
 
 

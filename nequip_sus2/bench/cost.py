@@ -163,11 +163,13 @@ def aoti_compile(
     model: BenchModel,
     out_dir: str | os.PathLike,
     timeout: float = 1200.0,
+    modifiers: Sequence[str] = (),
 ) -> BenchModel:
     """AOT-compile an eager model for the ASE target and load it (``nequip-compile``).
 
     Checkpoints and packages are compiled from their file; ``.mtp`` and in-memory models are
-    first written as a package (:func:`nequip_sus2.interop.write_package`).
+    first written as a package (:func:`nequip_sus2.interop.write_package`). ``modifiers`` are
+    passed to ``nequip-compile --modifiers`` (e.g. ``enable_fused_moments``).
     """
     if model.compiled:
         return model
@@ -188,6 +190,8 @@ def aoti_compile(
             sys.executable, "-m", "nequip.scripts.compile", source, str(target),
             "--mode", "aotinductor", "--device", model.device.type, "--target", "ase",
         ]  # fmt: skip
+        if modifiers:
+            cmd += ["--modifiers", *modifiers]
         start = time.perf_counter()
         # the compile traces the model: keep to this process's thread budget (--threads)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

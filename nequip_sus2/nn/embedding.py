@@ -24,6 +24,9 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
     original tools' ``C + 2 N_eta C^2 + N_mu (R + C) + C + N_B``.
     """
 
+    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
+    fused: bool = False
+
     def __init__(
         self,
         type_names: Sequence[str],
@@ -88,6 +91,8 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
         return set_block_trainable(model, cls, ("coeffs", "weights"), not frozen)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
+            return data
         q = data[self.in_field].permute(1, 2, 0)  # [N_eta, R, E] (feature-major)
         # sum_n c[mu, n] Q[eta(mu), n, :] as [N_mu, N_eta R] @ [N_eta R, E]
         block = (self.channel_onehot * self.coeffs.unsqueeze(1)).reshape(self.num_radial_funcs, -1)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from typing import TYPE_CHECKING
 
 import torch
 from nequip.data import AtomicDataDict
-from nequip.nn import GraphModuleMixin
+from nequip.nn import GraphModuleMixin, model_modifier
 from nequip.nn.utils import with_edge_vectors_
 
 from .._keys import SCALAR_BASIS_KEY
@@ -26,7 +27,13 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     then every entry ``(p, q, m, o)`` adds :math:`m M_p M_q` to :math:`M_o`, and
     :math:`B_a = M_{\mathrm{mapping}[a]}`. Evaluation is vectorised: entries are grouped by the
     degree of their output slot (2, 3, 4, ...) and each group is one gather-multiply-scatter.
+
+    With the ``enable_fused_moments`` modifier, inference (``eval()`` mode) computes the basic
+    moments with the fused CPU operator ``sus2::basic_moments`` (:mod:`nequip_sus2.kernels`).
     """
+
+    #: set by ``enable_fused_moments`` (a class default, so models pickled earlier load too)
+    fused: bool = False
 
     def __init__(
         self,
@@ -103,7 +110,90 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_slots={self.num_slots}, num_basic={self.num_basic}, "
-            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}"
+            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}, fused={self.fused}"
+        )
+
+    @model_modifier(persistent=False, private=False, unsupported_devices=["cuda"])
+    @classmethod
+    def enable_fused_moments(cls, model):
+        """Compute the per-edge part of SUS2 with the fused CPU kernel in inference (eval mode).
+
+        One C++ pass over the edges evaluates the scaling map, Chebyshev basis, element embedding
+        and monomials and accumulates the basic moments ``M_b(i)``; the backward pass gives the
+        edge-vector gradients (forces, virial) the same way. Same values as the PyTorch path.
+        Eager and ``nequip-compile --mode aotinductor`` models on CPU; training keeps the
+        PyTorch path (the kernel has no parameter or second derivatives). The kernel is
+        compiled on first use.
+        """
+        # by name, so that packaged copies of this module use the installed library
+        importlib.import_module("nequip_sus2.kernels.ops")
+        from .embedding import DecoupledElementEmbedding
+        from .radial import ChebyshevRadialBasis
+        from .scaling import UniversalPairScaling
+
+        parts = {}
+        for kind in (UniversalPairScaling, ChebyshevRadialBasis, DecoupledElementEmbedding, cls):
+            found = [m for m in model.modules() if isinstance(m, kind)]
+            if len(found) != 1:
+                raise ValueError(
+                    f"enable_fused_moments needs a SUS2 model with one {kind.__name__}, "
+                    f"found {len(found)}"
+                )
+            parts[kind] = found[0]
+        moments = parts[cls]
+        # (mu, a, b, c) of every basic slot, from the persistent buffers
+        p1 = moments.max_power + 1
+        mono = moments.basic_monomial
+        table = torch.stack(
+            [
+                moments.basic_mu,
+                moments.monomial_px[mono],
+                moments.monomial_py[mono] - p1,
+                moments.monomial_pz[mono] - 2 * p1,
+            ],
+            dim=1,
+        )
+        moments.register_buffer("basic_table", table.contiguous(), persistent=False)
+        # a plain list: the other modules stay where they are registered (same state dict)
+        moments._fused_sources = [
+            parts[UniversalPairScaling],
+            parts[ChebyshevRadialBasis],
+            parts[DecoupledElementEmbedding],
+        ]
+        for module in parts.values():
+            module.fused = True  # the per-edge modules skip their work in eval mode
+        # NequIP's AOTI loader imports these before loading a compiled model
+        moments._nequip_custom_ops_libs = ("nequip_sus2.kernels.ops",)
+        return model
+
+    def _fused_basis(self, data: AtomicDataDict.Type) -> torch.Tensor:
+        """``B_a(i)`` by the fused kernels, [num_nodes, N_B] (parameters detached)."""
+        scaling, basis, embedding = self._fused_sources
+        alpha = scaling.alpha.detach()
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        basic = torch.ops.sus2.basic_moments(
+            data[AtomicDataDict.EDGE_VECTORS_KEY].to(alpha.dtype).contiguous(),
+            edge_index[0],
+            edge_index[1],
+            data[AtomicDataDict.ATOM_TYPE_KEY].view(-1),
+            alpha.reshape(alpha.shape[0], -1),
+            scaling.r0.detach().reshape(alpha.shape[0], -1),
+            embedding.coeffs.detach(),
+            embedding.eta_of_mu,
+            embedding.weights.detach(),
+            self.basic_table,
+            basis.r_max,
+            basis.radial_scaling,
+            AtomicDataDict.num_nodes(data),
+        )
+        return torch.ops.sus2.contract_moments(
+            basic,
+            self.times_p,
+            self.times_q,
+            self.times_m,
+            self.times_o,
+            self.mapping,
+            self.num_slots,
         )
 
     def _canonical_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -141,10 +231,10 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             0, self.basic_monomial
         )
 
-    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+    def _basic_moments(self, data: AtomicDataDict.Type) -> torch.Tensor:
+        """``M_b(i)`` by PyTorch operations, [n_basic, num_nodes]."""
         # feature-major layout ([features, edges] / [slots, atoms]): every elementwise op runs
         # over contiguous rows; fields keep NequIP's [edges, features] shape as transposed views
-        data = with_edge_vectors_(data, with_lengths=True)
         radial = data[self.in_field].T  # [N_mu, E]
         vec = data[AtomicDataDict.EDGE_VECTORS_KEY].to(radial.dtype).T  # [3, E]
         length = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(radial.dtype)  # [E]
@@ -153,10 +243,17 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             edge_moments = self._canonical_edge_moments(radial, u)
         else:
             edge_moments = self._generic_edge_moments(radial, u)
-        num_nodes = AtomicDataDict.num_nodes(data)
-        basic = edge_moments.new_zeros(self.num_basic, num_nodes).index_add(
+        return edge_moments.new_zeros(self.num_basic, AtomicDataDict.num_nodes(data)).index_add(
             1, data[AtomicDataDict.EDGE_INDEX_KEY][0], edge_moments
         )
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = with_edge_vectors_(data, with_lengths=True)
+        if self.fused and not self.training:
+            data[self.out_field] = self._fused_basis(data)
+            return data
+        basic = self._basic_moments(data)
+        num_nodes = basic.shape[1]
         moments = torch.cat(
             [basic, basic.new_zeros(self.num_slots - self.num_basic, num_nodes)], dim=0
         )

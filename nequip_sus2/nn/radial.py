@@ -27,6 +27,9 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
     or beyond ``R_c`` (e.g. from a neighbour list with a skin) contribute exactly zero.
     """
 
+    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
+    fused: bool = False
+
     def __init__(
         self,
         r_max: float,
@@ -55,6 +58,8 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
         )
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
+            return data
         data = with_edge_vectors_(data, with_lengths=True)
         xi = data[self.in_field].T  # [N_eta, E] (feature-major)
         d = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(xi.dtype) - self.r_max  # [E]

@@ -26,6 +26,9 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
     type); they are not symmetric in the pair.
     """
 
+    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
+    fused: bool = False
+
     def __init__(
         self,
         type_names: Sequence[str],
@@ -69,6 +72,8 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         return set_block_trainable(model, cls, ("alpha", "r0"), not frozen)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
+            return data
         data = with_edge_vectors_(data, with_lengths=True)
         r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(self.alpha.dtype)  # [E]
         types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)

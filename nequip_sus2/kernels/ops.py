@@ -1,0 +1,121 @@
+"""Load the fused operators and register their shape functions and autograd formulas.
+
+Importing this module builds the library if needed (:func:`nequip_sus2.kernels.build`) and
+loads it; it is the library name that models using the kernels record for NequIP's AOTI loader
+(``_nequip_custom_ops_libs``), so compiled models find the operators when they are loaded.
+
+``sus2::basic_moments(vec [E, 3], center [E], neighbor [E], types [N], alpha [N_eta, C*C],
+r0 [N_eta, C*C], coeffs [N_mu, R], eta_of_mu [N_mu], weights [C], basic [n_basic, 4], r_max,
+sigma, num_nodes)`` returns the basic moments ``[num_nodes, n_basic]`` (spec 2.2-2.5, see
+``src/edge_moments.cpp``). ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping,
+num_slots)`` runs the contraction program on them and returns the scalar basis ``[N, N_B]``
+(spec 2.6, ``src/contraction.cpp``). Their backward operators (``*_backward``) differentiate the
+edge vectors and the basic moments only and are not differentiable again: the kernels serve
+inference (energies, forces, stresses), not training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import build
+
+__all__ = ["basic_moments", "contract_moments"]
+
+
+def _load() -> None:
+    if hasattr(torch.ops.sus2, "basic_moments"):  # already loaded in this process
+        return
+    torch.ops.load_library(str(build()))
+
+    @torch.library.register_fake("sus2::basic_moments")
+    def _(vec, center, neighbor, types, alpha, r0, coeffs, eta, weights, basic, r_max, sigma, n):
+        return vec.new_empty((n, basic.shape[0]))
+
+    @torch.library.register_fake("sus2::basic_moments_backward")
+    def _(grad, vec, *args):
+        return vec.new_empty(vec.shape)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:10])
+        ctx.r_max, ctx.sigma = inputs[10], inputs[11]
+
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[4:9]):
+            raise RuntimeError(
+                "sus2::basic_moments differentiates the edge vectors only; the fused SUS2 kernel "
+                "(enable_fused_moments) is for inference - train without it"
+            )
+        grad_vec = torch.ops.sus2.basic_moments_backward(
+            grad, *ctx.saved_tensors, ctx.r_max, ctx.sigma
+        )
+        return (grad_vec,) + (None,) * 12
+
+    def no_second_derivative(ctx, *grads):
+        raise RuntimeError(
+            "the fused SUS2 kernels (enable_fused_moments) have no second derivatives: they "
+            "are for inference - train without them"
+        )
+
+    @torch.library.register_fake("sus2::contract_moments")
+    def _(basic, p, q, m, o, mapping, num_slots):
+        return basic.new_empty((basic.shape[0], mapping.shape[0]))
+
+    @torch.library.register_fake("sus2::contract_moments_backward")
+    def _(grad, basic, *args):
+        return basic.new_empty(basic.shape)
+
+    def setup_contract(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+        ctx.num_slots = inputs[6]
+
+    def backward_contract(ctx, grad):
+        grad_basic = torch.ops.sus2.contract_moments_backward(
+            grad, *ctx.saved_tensors, ctx.num_slots
+        )
+        return (grad_basic,) + (None,) * 6
+
+    torch.library.register_autograd("sus2::basic_moments", backward, setup_context=setup_context)
+    torch.library.register_autograd(
+        "sus2::contract_moments", backward_contract, setup_context=setup_contract
+    )
+    for name in ("basic_moments_backward", "contract_moments_backward"):
+        torch.library.register_autograd(f"sus2::{name}", no_second_derivative)
+
+
+def basic_moments(
+    vec: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    types: torch.Tensor,
+    alpha: torch.Tensor,
+    r0: torch.Tensor,
+    coeffs: torch.Tensor,
+    eta_of_mu: torch.Tensor,
+    weights: torch.Tensor,
+    basic: torch.Tensor,
+    r_max: float,
+    sigma: float,
+    num_nodes: int,
+) -> torch.Tensor:
+    """Basic moments ``[num_nodes, n_basic]`` (see the module docstring)."""
+    return torch.ops.sus2.basic_moments(
+        vec, center, neighbor, types, alpha, r0, coeffs, eta_of_mu, weights, basic, r_max,
+        sigma, num_nodes,
+    )  # fmt: skip
+
+
+def contract_moments(
+    basic: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    m: torch.Tensor,
+    o: torch.Tensor,
+    mapping: torch.Tensor,
+    num_slots: int,
+) -> torch.Tensor:
+    """Scalar basis ``[N, N_B]`` from the basic moments (see the module docstring)."""
+    return torch.ops.sus2.contract_moments(basic, p, q, m, o, mapping, num_slots)
+
+
+_load()

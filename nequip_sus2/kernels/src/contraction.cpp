@@ -1,0 +1,173 @@
+// Fused contraction program of SUS2 (spec 2.6) for CPU: per atom, starting from the basic
+// moments M_0 .. M_{n_basic-1},
+//
+//   M_o += m M_p M_q   for every entry (p, q, m, o), in order,      B_a = M_{mapping[a]},
+//
+// and its vector-Jacobian product (the entries in reverse order, with M recomputed):
+//
+//   dL/dM_p += m M_q dL/dM_o,   dL/dM_q += m M_p dL/dM_o.
+//
+// Atoms are processed in blocks of kAtoms with the slots as rows ([slot][atom]), so every entry
+// is one vectorisable loop over the block. Registered as sus2::contract_moments and
+// sus2::contract_moments_backward (shape functions and autograd in nequip_sus2/kernels/ops.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kAtoms = 16;
+
+template <typename T>
+struct Program {
+  std::vector<int64_t> p, q, o, mapping;
+  std::vector<T> m;
+  int64_t n_slots, n_basic;
+};
+
+template <typename T>
+Program<T> program_of(const at::Tensor& p, const at::Tensor& q, const at::Tensor& m,
+                      const at::Tensor& o, const at::Tensor& mapping, int64_t n_slots,
+                      int64_t n_basic) {
+  const char* op = "sus2::contract_moments: ";
+  TORCH_CHECK(p.dim() == 1 && q.sizes() == p.sizes() && m.sizes() == p.sizes() &&
+                  o.sizes() == p.sizes(),
+              op, "p, q, m, o must be [n_entries]");
+  for (const auto* t : {&p, &q, &o, &mapping}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, op, "index tensors must be int64");
+  }
+  Program<T> prog;
+  prog.n_slots = n_slots;
+  prog.n_basic = n_basic;
+  const auto pc = p.contiguous(), qc = q.contiguous(), oc = o.contiguous();
+  const auto mc = m.to(at::CppTypeToScalarType<T>::value).contiguous();
+  const auto mapc = mapping.contiguous();
+  for (int64_t k = 0; k < p.size(0); ++k) {
+    const int64_t pk = pc.data_ptr<int64_t>()[k], qk = qc.data_ptr<int64_t>()[k];
+    const int64_t ok = oc.data_ptr<int64_t>()[k];
+    TORCH_CHECK(pk >= 0 && pk < n_slots && qk >= 0 && qk < n_slots && ok >= n_basic &&
+                    ok < n_slots,
+                op, "entry ", k, " indexes a slot out of range");
+    prog.p.push_back(pk);
+    prog.q.push_back(qk);
+    prog.o.push_back(ok);
+    prog.m.push_back(mc.template data_ptr<T>()[k]);
+  }
+  for (int64_t a = 0; a < mapping.size(0); ++a) {
+    const int64_t s = mapc.data_ptr<int64_t>()[a];
+    TORCH_CHECK(s >= 0 && s < n_slots, op, "mapping indexes a slot out of range");
+    prog.mapping.push_back(s);
+  }
+  return prog;
+}
+
+// M [n_slots][kAtoms] of atoms [i0, i0 + n) from basic [N, n_basic]
+template <typename T>
+void evaluate(const Program<T>& prog, const T* basic, int64_t i0, int64_t n, T* M) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = basic + (i0 + i) * prog.n_basic;
+    for (int64_t b = 0; b < prog.n_basic; ++b) M[b * kAtoms + i] = row[b];
+  }
+  std::fill(M + prog.n_basic * kAtoms, M + prog.n_slots * kAtoms, T(0));
+  for (size_t k = 0; k < prog.p.size(); ++k) {
+    const T* Mp = M + prog.p[k] * kAtoms;
+    const T* Mq = M + prog.q[k] * kAtoms;
+    T* Mo = M + prog.o[k] * kAtoms;
+    const T mk = prog.m[k];
+    for (int64_t i = 0; i < kAtoms; ++i) Mo[i] += mk * Mp[i] * Mq[i];
+  }
+}
+
+at::Tensor contract_moments(const at::Tensor& basic_in, const at::Tensor& p, const at::Tensor& q,
+                            const at::Tensor& m, const at::Tensor& o, const at::Tensor& mapping,
+                            int64_t num_slots) {
+  TORCH_CHECK(basic_in.dim() == 2, "sus2::contract_moments: basic must be [N, n_basic]");
+  TORCH_CHECK(basic_in.device().is_cpu(), "sus2::contract_moments: CPU only");
+  const auto basic = basic_in.contiguous();
+  const int64_t N = basic.size(0), n_basis = mapping.size(0);
+  auto out = at::empty({N, n_basis}, basic.options());
+  AT_DISPATCH_FLOATING_TYPES(basic.scalar_type(), "sus2_contract_moments", [&] {
+    const auto prog = program_of<scalar_t>(p, q, m, o, mapping, num_slots, basic.size(1));
+    const scalar_t* b = basic.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16 * kAtoms, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> M(num_slots * kAtoms);
+      for (int64_t i0 = begin; i0 < end; i0 += kAtoms) {
+        const int64_t n = std::min(kAtoms, end - i0);
+        evaluate(prog, b, i0, n, M.data());
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t a = 0; a < n_basis; ++a) y[(i0 + i) * n_basis + a] = M[prog.mapping[a] * kAtoms + i];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor contract_moments_backward(const at::Tensor& grad_in, const at::Tensor& basic_in,
+                                     const at::Tensor& p, const at::Tensor& q,
+                                     const at::Tensor& m, const at::Tensor& o,
+                                     const at::Tensor& mapping, int64_t num_slots) {
+  const auto basic = basic_in.contiguous();
+  const auto grad = grad_in.to(basic.scalar_type()).contiguous();
+  const int64_t N = basic.size(0), n_basis = mapping.size(0), nb = basic.size(1);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == n_basis,
+              "sus2::contract_moments_backward: grad must be [N, n_basis]");
+  auto grad_basic = at::empty_like(basic);
+  AT_DISPATCH_FLOATING_TYPES(basic.scalar_type(), "sus2_contract_moments_backward", [&] {
+    const auto prog = program_of<scalar_t>(p, q, m, o, mapping, num_slots, nb);
+    const scalar_t* b = basic.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* gb = grad_basic.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16 * kAtoms, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> M(num_slots * kAtoms), G(num_slots * kAtoms);
+      for (int64_t i0 = begin; i0 < end; i0 += kAtoms) {
+        const int64_t n = std::min(kAtoms, end - i0);
+        evaluate(prog, b, i0, n, M.data());
+        std::fill(G.begin(), G.end(), scalar_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t a = 0; a < n_basis; ++a) G[prog.mapping[a] * kAtoms + i] += g[(i0 + i) * n_basis + a];
+        }
+        for (int64_t k = static_cast<int64_t>(prog.p.size()) - 1; k >= 0; --k) {
+          const scalar_t* Mp = M.data() + prog.p[k] * kAtoms;
+          const scalar_t* Mq = M.data() + prog.q[k] * kAtoms;
+          const scalar_t* Go = G.data() + prog.o[k] * kAtoms;
+          scalar_t* Gp = G.data() + prog.p[k] * kAtoms;
+          scalar_t* Gq = G.data() + prog.q[k] * kAtoms;
+          const scalar_t mk = prog.m[k];
+          // p == q (a square) gets both terms, as the product rule says
+          for (int64_t i = 0; i < kAtoms; ++i) {
+            const scalar_t go = mk * Go[i];
+            const scalar_t mq = Mq[i], mp = Mp[i];
+            Gp[i] += go * mq;
+            Gq[i] += go * mp;
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t c = 0; c < nb; ++c) gb[(i0 + i) * nb + c] = G[c * kAtoms + i];
+        }
+      }
+    });
+  });
+  return grad_basic;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sus2, m) {
+  m.def(
+      "contract_moments(Tensor basic, Tensor p, Tensor q, Tensor m, Tensor o, Tensor mapping, "
+      "int num_slots) -> Tensor");
+  m.def(
+      "contract_moments_backward(Tensor grad, Tensor basic, Tensor p, Tensor q, Tensor m, "
+      "Tensor o, Tensor mapping, int num_slots) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sus2, CPU, m) {
+  m.impl("contract_moments", &contract_moments);
+  m.impl("contract_moments_backward", &contract_moments_backward);
+}

@@ -1,0 +1,294 @@
+"""The fused CPU kernels (``enable_fused_moments``) equal the PyTorch path (issue #6).
+
+The operators ``sus2::basic_moments`` and ``sus2::contract_moments`` are checked against an
+independent evaluation of the spec's equations written here, and by finite differences; models
+with the modifier are checked against the same models without it (float64, 1e-10 relative) on
+random periodic structures (with edges beyond the cutoff) and on the published models. The AOTI
+route (compile with the modifier, load in a fresh process) is covered against the golden
+predictions in ``test_cli.py``, the LAMMPS route in ``test_lammps.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_same, build, evaluate_model, frame_data, random_fcc_structure
+from conftest import GOLDEN, SPECIES, require_reference
+from nequip.data import AtomicDataDict
+
+from nequip_sus2.io.cfg import read_cfg
+from nequip_sus2.model import SUS2FromMTP, SUS2Model
+from nequip_sus2.nn import MomentContraction
+
+EMT = ["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The operator library (compiled on first use, ~40 s)."""
+    from nequip_sus2.kernels import KernelBuildError
+
+    try:
+        from nequip_sus2.kernels import ops
+    except KernelBuildError as e:  # no C++ compiler: nothing of the AOTI route works either
+        pytest.skip(f"cannot build the fused kernels here: {e}")
+    return ops
+
+
+def _fused_twin(model):
+    twin = copy.deepcopy(model)
+    MomentContraction.enable_fused_moments(twin)
+    return twin.eval()
+
+
+def _randomised(model, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# the operators against the spec's equations
+# ----------------------------------------------------------------------------------------------
+
+
+def _problem(seed: int = 0):
+    """Random edges (some at or beyond the cutoff), 3 species, 2 scaling channels, a slot list
+    with the canonical L2 K2 slots plus a non-canonical one (u_y^4 u_z, power 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    E, N, C, R, r_max = 400, 30, 3, 6, 5.0
+    directions = torch.nn.functional.normalize(
+        torch.randn(E, 3, generator=gen, dtype=torch.float64), dim=1
+    )
+    lengths = 0.8 + 5.0 * torch.rand(E, 1, generator=gen, dtype=torch.float64)  # up to 5.8 > r_max
+    lengths[:3] = r_max
+    eta = torch.tensor([0, 1, 0, 1, 0, 1])
+    basic = [
+        (k * 3 + rank, idx.count(0), idx.count(1), idx.count(2))
+        for k in range(2)
+        for rank in range(3)
+        for idx in itertools.combinations_with_replacement(range(3), rank)
+    ] + [(5, 0, 4, 1)]
+    return {
+        "vec": directions * lengths,
+        "center": torch.randint(0, N, (E,), generator=gen),
+        "neighbor": torch.randint(0, N, (E,), generator=gen),
+        "types": torch.randint(0, C, (N,), generator=gen),
+        "alpha": 0.5 + torch.rand(2, C * C, generator=gen, dtype=torch.float64),
+        "r0": torch.rand(2, C * C, generator=gen, dtype=torch.float64),
+        "coeffs": torch.randn(6, R, generator=gen, dtype=torch.float64),
+        "eta_of_mu": eta,
+        "weights": 0.5 + torch.rand(C, generator=gen, dtype=torch.float64),
+        "basic": torch.tensor(basic),
+        "r_max": r_max,
+        "sigma": 0.03,
+        "num_nodes": N,
+    }
+
+
+def _spec_basic_moments(p: dict, vec: torch.Tensor) -> torch.Tensor:
+    """Spec 2.2-2.5 edge by edge, with numpy's Chebyshev polynomials."""
+    C = p["weights"].shape[0]
+    out = torch.zeros(p["num_nodes"], len(p["basic"]), dtype=vec.dtype)
+    for e in range(vec.shape[0]):
+        i, j = int(p["center"][e]), int(p["neighbor"][e])
+        zi, zj = int(p["types"][i]), int(p["types"][j])
+        r = vec[e].norm()
+        if r >= p["r_max"]:
+            continue
+        u = vec[e] / r
+        for s, (mu, a, b, c) in enumerate(p["basic"].tolist()):
+            eta = int(p["eta_of_mu"][mu])
+            alpha, r0 = p["alpha"][eta, zi * C + zj], p["r0"][eta, zi * C + zj]
+            xi = torch.tanh(alpha * (r - r0) / 2)
+            cheb = torch.stack(
+                [torch.cos(n * torch.acos(xi)) for n in range(p["coeffs"].shape[1])]
+            )  # T_n(cos t) = cos(n t)
+            f = p["weights"][zi] * p["weights"][zj] * p["sigma"] * (r - p["r_max"]) ** 2
+            f = f * (p["coeffs"][mu] * cheb).sum()
+            out[i, s] = out[i, s] + f * u[0] ** a * u[1] ** b * u[2] ** c
+    return out
+
+
+def _args(p: dict, vec: torch.Tensor) -> tuple:
+    keys = ("center", "neighbor", "types", "alpha", "r0", "coeffs", "eta_of_mu", "weights")
+    return (vec, *(p[k] for k in keys), p["basic"], p["r_max"], p["sigma"], p["num_nodes"])
+
+
+def test_basic_moments_match_the_spec_equations(ops):
+    p = _problem()
+    ours = ops.basic_moments(*_args(p, p["vec"]))
+    ref = _spec_basic_moments(p, p["vec"])
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-13)
+    assert ref.abs().max() > 0.1  # a real test: the moments are not all zero
+    # edges at and beyond the cutoff are present (and skipped by both)
+    assert (p["vec"].norm(dim=1) >= p["r_max"]).sum() > 3
+
+
+def test_basic_moments_in_float32(ops):
+    p = _problem()
+    p32 = {
+        k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in p.items()
+    }
+    ours = ops.basic_moments(*_args(p32, p32["vec"]))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(
+        ours.double(), _spec_basic_moments(p, p["vec"]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_basic_moments_gradient_by_finite_differences(ops):
+    p = _problem()
+    vec = p["vec"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: ops.basic_moments(*_args(p, v)), (vec,))
+
+
+def test_contract_moments_match_the_program(ops):
+    """``M_o += m M_p M_q`` entry by entry, ``B = M[mapping]``, and its gradient."""
+    from nequip_sus2.program import generate_program
+
+    program = generate_program(2, 3)
+    module = MomentContraction(program, irreps_in={"edge_embedding": None})
+    gen = torch.Generator().manual_seed(1)
+    basic = torch.randn(7, len(program.basic), generator=gen, dtype=torch.float64)
+    args = (
+        module.times_p,
+        module.times_q,
+        module.times_m.double(),
+        module.times_o,
+        module.mapping,
+        module.num_slots,
+    )
+    ours = ops.contract_moments(basic, *args)
+    moments = torch.zeros(7, program.moments_count, dtype=torch.float64)
+    moments[:, : len(program.basic)] = basic
+    for p, q, m, o in program.times:  # the file's own entry order
+        moments[:, o] += m * moments[:, p] * moments[:, q]
+    torch.testing.assert_close(ours, moments[:, program.mapping], rtol=1e-13, atol=1e-13)
+    leaf = basic.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b: ops.contract_moments(b, *args), (leaf,))
+
+
+def test_operators_reject_bad_input_clearly(ops):
+    p = _problem()
+    with pytest.raises(RuntimeError, match=r"sus2::basic_moments: vec must be \[E, 3\]"):
+        ops.basic_moments(*_args(p, p["vec"][:, :2]))
+    with pytest.raises(RuntimeError, match="mu out of range"):
+        ops.basic_moments(*_args(dict(p, basic=p["basic"] + torch.tensor([9, 0, 0, 0])), p["vec"]))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.basic_moments(*_args(dict(p, alpha=p["alpha"].float()), p["vec"]))
+    with pytest.raises(RuntimeError, match="indexes a slot out of range"):
+        ops.contract_moments(
+            torch.zeros(2, 3, dtype=torch.float64),
+            torch.tensor([0]),
+            torch.tensor([1]),
+            torch.tensor([1.0]),
+            torch.tensor([7]),
+            torch.tensor([0]),
+            4,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# models with the modifier against the PyTorch path
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("L", "K", "basis", "scaling_map"),
+    [(1, 3, "full_rank", "K"), (2, 3, "published", "K"), (3, 2, "published", "LK"),
+     (3, 3, "full_rank", "L")],
+)  # fmt: skip
+def test_fused_model_equals_pytorch_path_on_random_structures(ops, L, K, basis, scaling_map):
+    model = build(
+        SUS2Model,
+        seed=L * 10 + K,
+        model_dtype="float64",
+        r_max=5.0,
+        type_names=EMT,
+        max_rank=L,
+        radial_channels=K,
+        radial_basis_size=6,
+        basis=basis,
+        scaling_map=scaling_map,
+    )
+    model = _randomised(model, L + K)
+    fused = _fused_twin(model)
+    rng = np.random.default_rng(L * 100 + K)
+    for _ in range(3):
+        # a neighbour list with a skin: edges beyond the model's cutoff must contribute nothing
+        data = random_fcc_structure(rng, len(EMT), 5.6)
+        assert_same(evaluate_model(fused, data), evaluate_model(model, data))
+
+
+@pytest.mark.parametrize("name", list(SPECIES))
+def test_fused_model_equals_pytorch_path_on_reference_models(ops, name):
+    path = require_reference(f"{name}.mtp")
+    model = build(SUS2FromMTP, mtp_path=str(path), type_names=SPECIES[name], model_dtype="float64")
+    fused = _fused_twin(model.eval())
+    r_max = float(model.metadata["r_max"])
+    for frame in read_cfg(require_reference(GOLDEN[name]))[:4]:
+        data = frame_data(frame.types, frame.positions, frame.cell, r_max)
+        assert_same(evaluate_model(fused, data), evaluate_model(model, data))
+
+
+def test_fused_float32_model_is_close(ops):
+    model = build(
+        SUS2Model, seed=3, model_dtype="float32", r_max=5.0, type_names=EMT, max_rank=2,
+        radial_channels=3, radial_basis_size=6,
+    )  # fmt: skip
+    model = _randomised(model, 3)
+    fused = _fused_twin(model)
+    data = random_fcc_structure(np.random.default_rng(3), len(EMT), 5.0)
+    assert_same(evaluate_model(fused, data), evaluate_model(model, data), rtol=1e-5)
+
+
+def test_training_keeps_the_pytorch_path(ops):
+    """In train() mode the modifier changes nothing: parameter gradients of a force loss exist
+    and equal the unmodified model's; in eval() mode parameters are not differentiated."""
+    model = build(
+        SUS2Model, seed=5, model_dtype="float64", r_max=5.0, type_names=EMT, max_rank=2,
+        radial_channels=2, radial_basis_size=5,
+    )  # fmt: skip
+    model = _randomised(model, 5)
+    fused = _fused_twin(model)
+    data = random_fcc_structure(np.random.default_rng(5), len(EMT), 5.0)
+    assert_same(
+        evaluate_model(fused.train(), data, with_param_grads=True),
+        evaluate_model(model.train(), data, with_param_grads=True),
+    )
+    out = fused.eval()(dict(data))
+    coeffs = [p for n, p in fused.named_parameters() if n.endswith("coeffs")]
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(out[AtomicDataDict.TOTAL_ENERGY_KEY].sum(), coeffs)
+
+
+def test_no_second_derivatives(ops):
+    p = _problem()
+    vec = p["vec"].clone().requires_grad_(True)
+    out = ops.basic_moments(*_args(p, vec))
+    (g,) = torch.autograd.grad(out.square().sum(), vec, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        g.sum().backward()
+
+
+def test_modifier_needs_a_sus2_model(ops):
+    with pytest.raises(ValueError, match="enable_fused_moments needs a SUS2 model"):
+        MomentContraction.enable_fused_moments(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_library_build_is_cached(ops, tmp_path, monkeypatch):
+    """A second build call reuses the cached library; the key depends on the ISA flags."""
+    from nequip_sus2 import kernels
+
+    first = kernels.build()
+    stamp = first.stat().st_mtime_ns
+    assert kernels.build() == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(kernels, "capability_flags", lambda: [])
+    assert kernels.cached_library() != first
