@@ -37,7 +37,8 @@ struct Model {
   const int64_t* eta;     // [N_mu]
   const T* weights;       // [C]
   const int64_t* types;   // [N]
-  std::vector<int64_t> mu, a, b, c;  // per basic slot
+  std::vector<int64_t> mu, mono;         // per basic slot: radial function, monomial
+  std::vector<int64_t> ma, mb, mc;        // per distinct monomial u_x^a u_y^b u_z^c
   int64_t n_eta, n_types, n_mu, n_r, n_basic, max_power = 0;
   T r_max, sigma;
 };
@@ -104,9 +105,17 @@ Model<T> model_of(const Inputs& in, double r_max, double sigma) {
       m.max_power = std::max(m.max_power, p[4 * s + k]);
     }
     m.mu.push_back(p[4 * s]);
-    m.a.push_back(p[4 * s + 1]);
-    m.b.push_back(p[4 * s + 2]);
-    m.c.push_back(p[4 * s + 3]);
+    int64_t j = 0;  // each distinct monomial is evaluated once per edge
+    while (j < static_cast<int64_t>(m.ma.size()) &&
+           !(m.ma[j] == p[4 * s + 1] && m.mb[j] == p[4 * s + 2] && m.mc[j] == p[4 * s + 3])) {
+      ++j;
+    }
+    if (j == static_cast<int64_t>(m.ma.size())) {
+      m.ma.push_back(p[4 * s + 1]);
+      m.mb.push_back(p[4 * s + 2]);
+      m.mc.push_back(p[4 * s + 3]);
+    }
+    m.mono.push_back(j);
   }
   return m;
 }
@@ -123,6 +132,7 @@ struct Block {
   std::vector<T> cheb, dcheb, dxi;  // [N_eta][R][B], [N_eta][R][B], [N_eta][B]
   std::vector<T> f, df;             // [N_mu][B]
   std::vector<T> px, py, pz;        // [P+1][B]
+  std::vector<T> mono;              // [n_mono][B]
   std::vector<T> slot;              // [n_basic][B]: moments (forward) or dL/dM (backward)
   std::vector<int64_t> pair;
   explicit Block(const Model<T>& m)
@@ -130,7 +140,8 @@ struct Block {
         denv(kBlock), arg(kBlock), cheb(m.n_eta * m.n_r * kBlock),
         dcheb(m.n_eta * m.n_r * kBlock), dxi(m.n_eta * kBlock), f(m.n_mu * kBlock),
         df(m.n_mu * kBlock), px((m.max_power + 1) * kBlock), py((m.max_power + 1) * kBlock),
-        pz((m.max_power + 1) * kBlock), slot(m.n_basic * kBlock), pair(kBlock) {}
+        pz((m.max_power + 1) * kBlock), mono(m.ma.size() * kBlock), slot(m.n_basic * kBlock),
+        pair(kBlock) {}
 };
 
 template <typename T>
@@ -238,6 +249,13 @@ void evaluate_block(const Model<T>& m, const T* vec, const int64_t* center,
       blk.pz[k * kBlock + i] = blk.pz[(k - 1) * kBlock + i] * blk.uz[i];
     }
   }
+  for (size_t j = 0; j < m.ma.size(); ++j) {
+    const T* px = blk.px.data() + m.ma[j] * kBlock;
+    const T* py = blk.py.data() + m.mb[j] * kBlock;
+    const T* pz = blk.pz.data() + m.mc[j] * kBlock;
+    T* out = blk.mono.data() + j * kBlock;
+    for (int64_t i = 0; i < n; ++i) out[i] = px[i] * py[i] * pz[i];
+  }
 }
 
 template <typename T>
@@ -250,11 +268,9 @@ void forward_range(const Model<T>& m, const T* vec, const int64_t* center,
     evaluate_block(m, vec, center, neighbor, e0, false, blk);
     for (int64_t k = 0; k < m.n_basic; ++k) {
       const T* f = blk.f.data() + m.mu[k] * kBlock;
-      const T* px = blk.px.data() + m.a[k] * kBlock;
-      const T* py = blk.py.data() + m.b[k] * kBlock;
-      const T* pz = blk.pz.data() + m.c[k] * kBlock;
+      const T* mono = blk.mono.data() + m.mono[k] * kBlock;
       T* v = blk.slot.data() + k * kBlock;
-      for (int64_t i = 0; i < n; ++i) v[i] = f[i] * (px[i] * py[i] * pz[i]);
+      for (int64_t i = 0; i < n; ++i) v[i] = f[i] * mono[i];
     }
     for (int64_t i = 0; i < n; ++i) {
       T* row = out + center[e0 + i] * m.n_basic;
@@ -267,7 +283,7 @@ template <typename T>
 void backward_range(const Model<T>& m, const T* vec, const int64_t* center,
                     const int64_t* neighbor, const T* G, int64_t begin, int64_t end, T* gv) {
   Block<T> blk(m);
-  std::vector<T> g(m.n_mu * kBlock), h(3 * kBlock);
+  std::vector<T> g(m.n_mu * kBlock), h(3 * kBlock), S(m.ma.size() * kBlock);
   for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
     blk.n = std::min(kBlock, end - e0);
     const int64_t n = blk.n;
@@ -277,31 +293,41 @@ void backward_range(const Model<T>& m, const T* vec, const int64_t* center,
       for (int64_t k = 0; k < m.n_basic; ++k) blk.slot[k * kBlock + i] = row[k];
     }
     std::fill(g.begin(), g.end(), T(0));
-    std::fill(h.begin(), h.end(), T(0));
+    std::fill(S.begin(), S.end(), T(0));
+    // g_mu = sum_{k: mu_k = mu} G_k m_k;  S_j = sum_{k: mono_k = j} G_k f_{mu_k}
+    for (int64_t k = 0; k < m.n_basic; ++k) {
+      const T* Gk = blk.slot.data() + k * kBlock;
+      const T* f = blk.f.data() + m.mu[k] * kBlock;
+      const T* mono = blk.mono.data() + m.mono[k] * kBlock;
+      T* gmu = g.data() + m.mu[k] * kBlock;
+      T* Sj = S.data() + m.mono[k] * kBlock;
+      for (int64_t i = 0; i < n; ++i) {
+        gmu[i] += Gk[i] * mono[i];
+        Sj[i] += Gk[i] * f[i];
+      }
+    }
+    // h = sum_j S_j grad_u m_j, with d(u_x^a)/du_x = a u_x^(a-1)
     T* hx = h.data();
     T* hy = hx + kBlock;
     T* hz = hy + kBlock;
-    for (int64_t k = 0; k < m.n_basic; ++k) {
-      const int64_t a = m.a[k], b = m.b[k], c = m.c[k];
-      const T* Gk = blk.slot.data() + k * kBlock;
-      const T* f = blk.f.data() + m.mu[k] * kBlock;
+    for (int64_t i = 0; i < 3 * kBlock; ++i) h[i] = T(0);
+    for (size_t j = 0; j < m.ma.size(); ++j) {
+      const int64_t a = m.ma[j], b = m.mb[j], c = m.mc[j];
+      const T* Sj = S.data() + j * kBlock;
       const T* px = blk.px.data() + a * kBlock;
       const T* py = blk.py.data() + b * kBlock;
       const T* pz = blk.pz.data() + c * kBlock;
-      T* gmu = g.data() + m.mu[k] * kBlock;
-      for (int64_t i = 0; i < n; ++i) gmu[i] += Gk[i] * (px[i] * py[i] * pz[i]);
-      // h += G_k f_mu grad_u m_k, with d(u_x^a)/du_x = a u_x^(a-1)
       if (a > 0) {
         const T* pxm = px - kBlock;
-        for (int64_t i = 0; i < n; ++i) hx[i] += Gk[i] * f[i] * (T(a) * pxm[i] * py[i] * pz[i]);
+        for (int64_t i = 0; i < n; ++i) hx[i] += Sj[i] * (T(a) * pxm[i] * py[i] * pz[i]);
       }
       if (b > 0) {
         const T* pym = py - kBlock;
-        for (int64_t i = 0; i < n; ++i) hy[i] += Gk[i] * f[i] * (T(b) * px[i] * pym[i] * pz[i]);
+        for (int64_t i = 0; i < n; ++i) hy[i] += Sj[i] * (T(b) * px[i] * pym[i] * pz[i]);
       }
       if (c > 0) {
         const T* pzm = pz - kBlock;
-        for (int64_t i = 0; i < n; ++i) hz[i] += Gk[i] * f[i] * (T(c) * px[i] * py[i] * pzm[i]);
+        for (int64_t i = 0; i < n; ++i) hz[i] += Sj[i] * (T(c) * px[i] * py[i] * pzm[i]);
       }
     }
     T* gr = blk.arg.data();  // reused: dL/dr per edge
