@@ -7,7 +7,10 @@ loads it; it is the library name that models using the kernels record for NequIP
 ``sus2::basic_moments(vec [E, 3], center [E], neighbor [E], types [N], alpha [N_eta, C*C],
 r0 [N_eta, C*C], coeffs [N_mu, R], eta_of_mu [N_mu], weights [C], basic [n_basic, 4], r_max,
 sigma, num_nodes)`` returns the basic moments ``[num_nodes, n_basic]`` (spec 2.2-2.5, see
-``src/edge_moments.cpp``). ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping,
+``src/edge_moments.cpp``). ``sus2::basic_moments_from_positions(pos [N, 3], cell [B, 3, 3],
+shift [E, 3], batch [N], center, ...)`` is the same from positions, cell and edge cell shifts
+(float64; empty ``cell``/``shift`` without a cell, empty ``batch`` for one frame): its backward
+returns the position and cell gradients directly. ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping,
 num_slots)`` runs the contraction program on them and returns the scalar basis ``[N, N_B]``
 (spec 2.6, ``src/contraction.cpp``). Their backward operators (``*_backward``) differentiate the
 edge vectors and the basic moments only and are not differentiable again: the kernels serve
@@ -20,7 +23,7 @@ import torch
 
 from . import build
 
-__all__ = ["basic_moments", "contract_moments"]
+__all__ = ["basic_moments", "basic_moments_from_positions", "contract_moments"]
 
 
 def _load() -> None:
@@ -57,6 +60,29 @@ def _load() -> None:
             "are for inference - train without them"
         )
 
+    @torch.library.register_fake("sus2::basic_moments_from_positions")
+    def _(pos, cell, shift, batch, center, neighbor, types, alpha, *args):
+        return alpha.new_empty((pos.shape[0], args[-3].shape[0]))
+
+    @torch.library.register_fake("sus2::basic_moments_from_positions_backward")
+    def _(grad, pos, cell, *args):
+        return pos.new_empty(pos.shape), cell.new_empty(cell.shape)
+
+    def setup_positions(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:13])
+        ctx.r_max, ctx.sigma = inputs[13], inputs[14]
+
+    def backward_positions(ctx, grad):
+        if any(ctx.needs_input_grad[7:12]):
+            raise RuntimeError(
+                "sus2::basic_moments_from_positions differentiates positions and cell only; the "
+                "fused SUS2 kernel (enable_fused_moments) is for inference - train without it"
+            )
+        grad_pos, grad_cell = torch.ops.sus2.basic_moments_from_positions_backward(
+            grad, *ctx.saved_tensors, ctx.r_max, ctx.sigma
+        )
+        return (grad_pos, grad_cell) + (None,) * 13
+
     @torch.library.register_fake("sus2::contract_moments")
     def _(basic, p, q, m, o, mapping, num_slots):
         return basic.new_empty((basic.shape[0], mapping.shape[0]))
@@ -77,9 +103,16 @@ def _load() -> None:
 
     torch.library.register_autograd("sus2::basic_moments", backward, setup_context=setup_context)
     torch.library.register_autograd(
+        "sus2::basic_moments_from_positions", backward_positions, setup_context=setup_positions
+    )
+    torch.library.register_autograd(
         "sus2::contract_moments", backward_contract, setup_context=setup_contract
     )
-    for name in ("basic_moments_backward", "contract_moments_backward"):
+    for name in (
+        "basic_moments_backward",
+        "basic_moments_from_positions_backward",
+        "contract_moments_backward",
+    ):
         torch.library.register_autograd(f"sus2::{name}", no_second_derivative)
 
 
@@ -116,6 +149,30 @@ def contract_moments(
 ) -> torch.Tensor:
     """Scalar basis ``[N, N_B]`` from the basic moments (see the module docstring)."""
     return torch.ops.sus2.contract_moments(basic, p, q, m, o, mapping, num_slots)
+
+
+def basic_moments_from_positions(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    shift: torch.Tensor,
+    batch: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    types: torch.Tensor,
+    alpha: torch.Tensor,
+    r0: torch.Tensor,
+    coeffs: torch.Tensor,
+    eta_of_mu: torch.Tensor,
+    weights: torch.Tensor,
+    basic: torch.Tensor,
+    r_max: float,
+    sigma: float,
+) -> torch.Tensor:
+    """Basic moments ``[N, n_basic]`` from positions (see the module docstring)."""
+    return torch.ops.sus2.basic_moments_from_positions(
+        pos, cell, shift, batch, center, neighbor, types, alpha, r0, coeffs, eta_of_mu, weights,
+        basic, r_max, sigma,
+    )  # fmt: skip
 
 
 _load()

@@ -167,12 +167,17 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         return model
 
     def _fused_basis(self, data: AtomicDataDict.Type) -> torch.Tensor:
-        """``B_a(i)`` by the fused kernels, [num_nodes, N_B] (parameters detached)."""
+        """``B_a(i)`` by the fused kernels, [num_nodes, N_B] (parameters detached).
+
+        Edge vectors given in ``data`` (edge-force inference, pair potentials) are used as they
+        are; otherwise the kernel builds them from positions, cell and cell shifts and returns
+        position and cell gradients directly.
+        """
         scaling, basis, embedding = self._fused_sources
         alpha = scaling.alpha.detach()
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
-        basic = torch.ops.sus2.basic_moments(
-            data[AtomicDataDict.EDGE_VECTORS_KEY].to(alpha.dtype).contiguous(),
+        pos = data[AtomicDataDict.POSITIONS_KEY]
+        params = (
             edge_index[0],
             edge_index[1],
             data[AtomicDataDict.ATOM_TYPE_KEY].view(-1),
@@ -184,8 +189,25 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             self.basic_table,
             basis.r_max,
             basis.radial_scaling,
-            AtomicDataDict.num_nodes(data),
         )
+        if AtomicDataDict.EDGE_VECTORS_KEY in data:
+            vec = data[AtomicDataDict.EDGE_VECTORS_KEY].to(alpha.dtype).contiguous()
+            basic = torch.ops.sus2.basic_moments(vec, *params, pos.shape[0])
+        else:
+            f64 = torch.float64
+            if AtomicDataDict.CELL_KEY in data:
+                cell = data[AtomicDataDict.CELL_KEY].to(f64)
+                shift = data[AtomicDataDict.EDGE_CELL_SHIFT_KEY].to(f64)
+            else:
+                cell = pos.new_zeros((0, 3, 3), dtype=f64)
+                shift = pos.new_zeros((0, 3), dtype=f64)
+            if AtomicDataDict.BATCH_KEY in data:
+                batch = data[AtomicDataDict.BATCH_KEY]
+            else:
+                batch = edge_index.new_zeros((0,))
+            basic = torch.ops.sus2.basic_moments_from_positions(
+                pos.to(f64), cell, shift, batch, *params
+            )
         return torch.ops.sus2.contract_moments(
             basic,
             self.times_p,
@@ -248,10 +270,10 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         )
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        data = with_edge_vectors_(data, with_lengths=True)
         if self.fused and not self.training:
             data[self.out_field] = self._fused_basis(data)
             return data
+        data = with_edge_vectors_(data, with_lengths=True)
         basic = self._basic_moments(data)
         num_nodes = basic.shape[1]
         moments = torch.cat(

@@ -10,9 +10,12 @@
 //   dL/dr_ij = (sum_mu g_mu f'_mu(r)) u + (h - (u.h) u) / r,
 //   g_mu = sum_{b: mu_b = mu} G_b(i) m_b(u),   h = sum_b G_b(i) f_{mu_b} grad_u m_b(u).
 //
-// Registered as sus2::basic_moments and sus2::basic_moments_backward (CPU kernels; shape
-// functions and autograd come from nequip_sus2/kernels/ops.py). Only the edge vectors are
-// differentiated: the operators serve inference. The same file is compiled into the LAMMPS
+// Two forms: sus2::basic_moments reads the edge vectors r_ij ([E, 3]); the form used by models,
+// sus2::basic_moments_from_positions, builds them from the positions, the cell and the edge cell
+// shifts (r_ij = x_j - x_i + S_e . cell, in float64) and its backward returns dL/dx and dL/dcell
+// directly (forces and, through NequIP's cell displacement, the virial), so no [E, 3] array is
+// stored or scattered outside the kernel. CPU kernels; shape functions and autograd come from
+// nequip_sus2/kernels/ops.py. Only the geometry is differentiated: the operators serve inference. The same file is compiled into the LAMMPS
 // plugin so that AOTInductor-compiled models calling the operators run there too.
 
 #include <ATen/ATen.h>
@@ -22,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -44,21 +48,18 @@ struct Model {
 };
 
 struct Inputs {
-  at::Tensor vec, center, neighbor, types, alpha, r0, coeffs, eta, weights, basic;
+  at::Tensor center, neighbor, types, alpha, r0, coeffs, eta, weights, basic;
 };
 
-Inputs check(const at::Tensor& vec, const at::Tensor& center, const at::Tensor& neighbor,
-             const at::Tensor& types, const at::Tensor& alpha, const at::Tensor& r0,
-             const at::Tensor& coeffs, const at::Tensor& eta, const at::Tensor& weights,
-             const at::Tensor& basic) {
+// The edge lists and model parameters, shared by both forms of the operator.
+Inputs check(const at::Tensor& center, const at::Tensor& neighbor, const at::Tensor& types,
+             const at::Tensor& alpha, const at::Tensor& r0, const at::Tensor& coeffs,
+             const at::Tensor& eta, const at::Tensor& weights, const at::Tensor& basic) {
   const char* op = "sus2::basic_moments: ";
-  TORCH_CHECK(vec.dim() == 2 && vec.size(1) == 3, op, "vec must be [E, 3]");
-  const int64_t E = vec.size(0);
   for (const auto* t : {&center, &neighbor, &types, &eta, &basic}) {
     TORCH_CHECK(t->scalar_type() == at::kLong, op, "index tensors must be int64");
   }
-  TORCH_CHECK(center.dim() == 1 && center.size(0) == E && neighbor.dim() == 1 &&
-                  neighbor.size(0) == E,
+  TORCH_CHECK(center.dim() == 1 && neighbor.dim() == 1 && neighbor.size(0) == center.size(0),
               op, "center and neighbor must be [E]");
   TORCH_CHECK(alpha.dim() == 2 && r0.sizes() == alpha.sizes(), op,
               "alpha and r0 must be [N_eta, C*C]");
@@ -67,14 +68,24 @@ Inputs check(const at::Tensor& vec, const at::Tensor& center, const at::Tensor& 
   TORCH_CHECK(coeffs.dim() == 2 && eta.dim() == 1 && eta.size(0) == coeffs.size(0), op,
               "coeffs must be [N_mu, R] and eta_of_mu [N_mu]");
   TORCH_CHECK(basic.dim() == 2 && basic.size(1) == 4, op, "basic must be [n_basic, 4]");
-  for (const auto* t : {&alpha, &r0, &coeffs, &weights}) {
-    TORCH_CHECK(t->scalar_type() == vec.scalar_type(), op,
-                "parameters and vec must have the same dtype");
+  for (const auto* t : {&r0, &coeffs, &weights}) {
+    TORCH_CHECK(t->scalar_type() == alpha.scalar_type(), op,
+                "parameters must have the same dtype");
   }
-  TORCH_CHECK(vec.device().is_cpu(), op, "the fused kernel runs on CPU only");
-  return {vec.contiguous(),   center.contiguous(), neighbor.contiguous(), types.contiguous(),
-          alpha.contiguous(), r0.contiguous(),     coeffs.contiguous(),   eta.contiguous(),
-          weights.contiguous(), basic.contiguous()};
+  TORCH_CHECK(alpha.device().is_cpu() && center.device().is_cpu(), op,
+              "the fused kernel runs on CPU only");
+  return {center.contiguous(), neighbor.contiguous(), types.contiguous(),
+          alpha.contiguous(),  r0.contiguous(),       coeffs.contiguous(),
+          eta.contiguous(),    weights.contiguous(),  basic.contiguous()};
+}
+
+at::Tensor check_vec(const at::Tensor& vec, const Inputs& in) {
+  const char* op = "sus2::basic_moments: ";
+  TORCH_CHECK(vec.dim() == 2 && vec.size(1) == 3, op, "vec must be [E, 3]");
+  TORCH_CHECK(vec.size(0) == in.center.size(0), op, "center and neighbor must be [E]");
+  TORCH_CHECK(vec.scalar_type() == in.alpha.scalar_type(), op,
+              "parameters and vec must have the same dtype");
+  return vec.contiguous();
 }
 
 template <typename T>
@@ -152,22 +163,90 @@ inline void tanh_inplace(T* x, int64_t n) {
   for (; i < n; ++i) x[i] = std::tanh(x[i]);
 }
 
-// Geometry, radial functions f (and f' if with_derivative) and monomial powers of the edges
-// [e0, e0 + blk.n).
+// Where the edge vectors come from, and where their gradients go: an [E, 3] tensor
+// (EdgeVectors) or positions, cell and cell shifts (Positions). load() writes the vectors of
+// edges [e0, e0 + n) to x, y, z; add_grad() takes dL/dr_ij of those edges (thread tid).
 template <typename T>
-void evaluate_block(const Model<T>& m, const T* vec, const int64_t* center,
-                    const int64_t* neighbor, int64_t e0, bool with_derivative, Block<T>& blk) {
+struct EdgeVectors {
+  const T* vec;
+  T* grad = nullptr;  // [E, 3]
+  void load(int64_t e0, int64_t n, T* x, T* y, T* z) const {
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = vec[3 * (e0 + i)];
+      y[i] = vec[3 * (e0 + i) + 1];
+      z[i] = vec[3 * (e0 + i) + 2];
+    }
+  }
+  void add_grad(int64_t e0, int64_t n, const T* gx, const T* gy, const T* gz, int tid) const {
+    for (int64_t i = 0; i < n; ++i) {
+      grad[3 * (e0 + i)] = gx[i];
+      grad[3 * (e0 + i) + 1] = gy[i];
+      grad[3 * (e0 + i) + 2] = gz[i];
+    }
+  }
+};
+
+// r_ij = x_j - x_i + S_e . cell_b (cell vectors as rows, b the frame of atom i), in float64
+template <typename T>
+struct Positions {
+  const double* pos;    // [N, 3]
+  const double* cell;   // [B, 3, 3] or nullptr (no cell)
+  const double* shift;  // [E, 3] or nullptr
+  const int64_t* batch;  // [N] or nullptr (one frame)
+  const int64_t* center;
+  const int64_t* neighbor;
+  double* grad_pos = nullptr;   // [threads][N, 3]
+  double* grad_cell = nullptr;  // [threads][B, 3, 3]
+  int64_t n_atoms = 0, n_frames = 0;
+  void load(int64_t e0, int64_t n, T* x, T* y, T* z) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t e = e0 + i, a = center[e], b = neighbor[e];
+      double d[3] = {pos[3 * b] - pos[3 * a], pos[3 * b + 1] - pos[3 * a + 1],
+                     pos[3 * b + 2] - pos[3 * a + 2]};
+      if (cell != nullptr) {
+        const double* c = cell + 9 * (batch != nullptr ? batch[a] : 0);
+        const double* s = shift + 3 * e;
+        for (int k = 0; k < 3; ++k) d[k] += s[0] * c[k] + s[1] * c[3 + k] + s[2] * c[6 + k];
+      }
+      x[i] = static_cast<T>(d[0]);
+      y[i] = static_cast<T>(d[1]);
+      z[i] = static_cast<T>(d[2]);
+    }
+  }
+  void add_grad(int64_t e0, int64_t n, const T* gx, const T* gy, const T* gz, int tid) const {
+    double* gp = grad_pos + tid * n_atoms * 3;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t e = e0 + i, a = center[e], b = neighbor[e];
+      const double g[3] = {gx[i], gy[i], gz[i]};
+      for (int k = 0; k < 3; ++k) {
+        gp[3 * b + k] += g[k];
+        gp[3 * a + k] -= g[k];
+      }
+      if (cell != nullptr) {
+        double* gc = grad_cell + (tid * n_frames + (batch != nullptr ? batch[a] : 0)) * 9;
+        const double* s = shift + 3 * e;
+        for (int r = 0; r < 3; ++r) {
+          for (int k = 0; k < 3; ++k) gc[3 * r + k] += s[r] * g[k];
+        }
+      }
+    }
+  }
+};
+
+// Radial functions f (and f' if with_derivative) and monomials of the edges [e0, e0 + blk.n),
+// whose vectors are in blk.ux, blk.uy, blk.uz.
+template <typename T>
+void evaluate_block(const Model<T>& m, const int64_t* center, const int64_t* neighbor,
+                    int64_t e0, bool with_derivative, Block<T>& blk) {
   const int64_t n = blk.n, CC = m.n_types * m.n_types;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = e0 + i;
     const int64_t zi = m.types[center[e]], zj = m.types[neighbor[e]];
     blk.pair[i] = zi * m.n_types + zj;
     blk.w[i] = m.weights[zi] * m.weights[zj];
-    const T x = vec[3 * e], y = vec[3 * e + 1], z = vec[3 * e + 2];
-    blk.r[i] = std::sqrt(x * x + y * y + z * z);
-    blk.ux[i] = x;
-    blk.uy[i] = y;
-    blk.uz[i] = z;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    blk.r[i] = std::sqrt(blk.ux[i] * blk.ux[i] + blk.uy[i] * blk.uy[i] + blk.uz[i] * blk.uz[i]);
   }
   for (int64_t i = 0; i < n; ++i) {
     const T r = blk.r[i], d = r - m.r_max;
@@ -258,14 +337,15 @@ void evaluate_block(const Model<T>& m, const T* vec, const int64_t* center,
   }
 }
 
-template <typename T>
-void forward_range(const Model<T>& m, const T* vec, const int64_t* center,
+template <typename T, typename Geometry>
+void forward_range(const Model<T>& m, const Geometry& geo, const int64_t* center,
                    const int64_t* neighbor, int64_t begin, int64_t end, T* out) {
   Block<T> blk(m);
   for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
     blk.n = std::min(kBlock, end - e0);
     const int64_t n = blk.n;
-    evaluate_block(m, vec, center, neighbor, e0, false, blk);
+    geo.load(e0, n, blk.ux.data(), blk.uy.data(), blk.uz.data());
+    evaluate_block(m, center, neighbor, e0, false, blk);
     for (int64_t k = 0; k < m.n_basic; ++k) {
       const T* f = blk.f.data() + m.mu[k] * kBlock;
       const T* mono = blk.mono.data() + m.mono[k] * kBlock;
@@ -279,15 +359,16 @@ void forward_range(const Model<T>& m, const T* vec, const int64_t* center,
   }
 }
 
-template <typename T>
-void backward_range(const Model<T>& m, const T* vec, const int64_t* center,
-                    const int64_t* neighbor, const T* G, int64_t begin, int64_t end, T* gv) {
+template <typename T, typename Geometry>
+void backward_range(const Model<T>& m, const Geometry& geo, const int64_t* center,
+                    const int64_t* neighbor, const T* G, int64_t begin, int64_t end, int tid) {
   Block<T> blk(m);
-  std::vector<T> g(m.n_mu * kBlock), h(3 * kBlock), S(m.ma.size() * kBlock);
+  std::vector<T> g(m.n_mu * kBlock), h(3 * kBlock), S(m.ma.size() * kBlock), gv(3 * kBlock);
   for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
     blk.n = std::min(kBlock, end - e0);
     const int64_t n = blk.n;
-    evaluate_block(m, vec, center, neighbor, e0, true, blk);
+    geo.load(e0, n, blk.ux.data(), blk.uy.data(), blk.uz.data());
+    evaluate_block(m, center, neighbor, e0, true, blk);
     for (int64_t i = 0; i < n; ++i) {  // dL/dM rows of the centres, transposed
       const T* row = G + center[e0 + i] * m.n_basic;
       for (int64_t k = 0; k < m.n_basic; ++k) blk.slot[k * kBlock + i] = row[k];
@@ -337,15 +418,45 @@ void backward_range(const Model<T>& m, const T* vec, const int64_t* center,
       const T* df = blk.df.data() + mu * kBlock;
       for (int64_t i = 0; i < n; ++i) gr[i] += gmu[i] * df[i];
     }
+    T* gx = gv.data();
+    T* gy = gx + kBlock;
+    T* gz = gy + kBlock;
     for (int64_t i = 0; i < n; ++i) {
       const T ux = blk.ux[i], uy = blk.uy[i], uz = blk.uz[i];
       const T dot = hx[i] * ux + hy[i] * uy + hz[i] * uz;
-      T* out = gv + 3 * (e0 + i);
-      out[0] = gr[i] * ux + (hx[i] - dot * ux) * blk.inv[i];
-      out[1] = gr[i] * uy + (hy[i] - dot * uy) * blk.inv[i];
-      out[2] = gr[i] * uz + (hz[i] - dot * uz) * blk.inv[i];
+      gx[i] = gr[i] * ux + (hx[i] - dot * ux) * blk.inv[i];
+      gy[i] = gr[i] * uy + (hy[i] - dot * uy) * blk.inv[i];
+      gz[i] = gr[i] * uz + (hz[i] - dot * uz) * blk.inv[i];
     }
+    geo.add_grad(e0, n, gx, gy, gz, tid);
   }
+}
+
+// The forward pass over all edges: one accumulator per thread when threaded (the edges of one
+// atom may fall in several chunks), then a sum.
+template <typename T, typename Geometry>
+void forward_all(const Model<T>& m, const Geometry& geo, const int64_t* center,
+                 const int64_t* neighbor, int64_t E, at::Tensor& out) {
+  const int64_t grain = 32 * kBlock, N = out.size(0);
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || E < 2 * grain) {
+    forward_range(m, geo, center, neighbor, 0, E, out.template data_ptr<T>());
+    return;
+  }
+  auto partial = at::zeros({threads, N, m.n_basic}, out.options());
+  T* p = partial.template data_ptr<T>();
+  at::parallel_for(0, E, grain, [&](int64_t begin, int64_t end) {
+    forward_range(m, geo, center, neighbor, begin, end, p + at::get_thread_num() * N * m.n_basic);
+  });
+  at::sum_out(out, partial, 0);
+}
+
+template <typename T, typename Geometry>
+void backward_all(const Model<T>& m, const Geometry& geo, const int64_t* center,
+                  const int64_t* neighbor, const T* G, int64_t E) {
+  at::parallel_for(0, E, 16 * kBlock, [&](int64_t begin, int64_t end) {
+    backward_range(m, geo, center, neighbor, G, begin, end, at::get_thread_num());
+  });
 }
 
 at::Tensor basic_moments(const at::Tensor& vec, const at::Tensor& center,
@@ -354,28 +465,15 @@ at::Tensor basic_moments(const at::Tensor& vec, const at::Tensor& center,
                          const at::Tensor& eta, const at::Tensor& weights,
                          const at::Tensor& basic, double r_max, double sigma,
                          int64_t num_nodes) {
-  const Inputs in = check(vec, center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const auto v = check_vec(vec, in);
   const int64_t E = vec.size(0);
   auto out = at::zeros({num_nodes, basic.size(0)}, vec.options());
   if (E == 0 || basic.size(0) == 0) return out;
-  const int64_t grain = 32 * kBlock;
-  const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "sus2_basic_moments", [&] {
     const auto m = model_of<scalar_t>(in, r_max, sigma);
-    const scalar_t* v = in.vec.data_ptr<scalar_t>();
-    const int64_t* ci = in.center.data_ptr<int64_t>();
-    const int64_t* nj = in.neighbor.data_ptr<int64_t>();
-    if (threads <= 1 || E < 2 * grain) {
-      forward_range(m, v, ci, nj, 0, E, out.data_ptr<scalar_t>());
-      return;
-    }
-    // one accumulator per thread (the edges of one atom may fall in several chunks), then a sum
-    auto partial = at::zeros({threads, num_nodes, m.n_basic}, vec.options());
-    scalar_t* p = partial.data_ptr<scalar_t>();
-    at::parallel_for(0, E, grain, [&](int64_t begin, int64_t end) {
-      forward_range(m, v, ci, nj, begin, end, p + at::get_thread_num() * num_nodes * m.n_basic);
-    });
-    at::sum_out(out, partial, 0);
+    const EdgeVectors<scalar_t> geo{v.data_ptr<scalar_t>()};
+    forward_all(m, geo, in.center.data_ptr<int64_t>(), in.neighbor.data_ptr<int64_t>(), E, out);
   });
   return out;
 }
@@ -386,30 +484,134 @@ at::Tensor basic_moments_backward(const at::Tensor& grad_in, const at::Tensor& v
                                   const at::Tensor& r0, const at::Tensor& coeffs,
                                   const at::Tensor& eta, const at::Tensor& weights,
                                   const at::Tensor& basic, double r_max, double sigma) {
-  const Inputs in = check(vec, center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const auto v = check_vec(vec, in);
   const auto grad = grad_in.to(vec.scalar_type()).contiguous();
   TORCH_CHECK(grad.dim() == 2 && grad.size(1) == basic.size(0),
               "sus2::basic_moments_backward: grad must be [num_nodes, n_basic]");
   const int64_t E = vec.size(0);
-  auto grad_vec = at::zeros_like(in.vec);
+  auto grad_vec = at::zeros_like(v);
   if (E == 0 || basic.size(0) == 0) return grad_vec;
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "sus2_basic_moments_backward", [&] {
     const auto m = model_of<scalar_t>(in, r_max, sigma);
-    const scalar_t* v = in.vec.data_ptr<scalar_t>();
-    const int64_t* ci = in.center.data_ptr<int64_t>();
-    const int64_t* nj = in.neighbor.data_ptr<int64_t>();
-    const scalar_t* G = grad.data_ptr<scalar_t>();
-    scalar_t* gv = grad_vec.data_ptr<scalar_t>();
-    at::parallel_for(0, E, 16 * kBlock, [&](int64_t begin, int64_t end) {
-      backward_range(m, v, ci, nj, G, begin, end, gv);
-    });
+    EdgeVectors<scalar_t> geo{v.data_ptr<scalar_t>()};
+    geo.grad = grad_vec.data_ptr<scalar_t>();
+    backward_all(m, geo, in.center.data_ptr<int64_t>(), in.neighbor.data_ptr<int64_t>(),
+                 grad.data_ptr<scalar_t>(), E);
   });
   return grad_vec;
+}
+
+// --- from positions: r_ij = x_j - x_i + S_e . cell (the edge vectors are never stored) -------
+
+struct Frames {
+  at::Tensor pos, cell, shift, batch;  // float64 / int64, contiguous; cell, shift, batch may be empty
+  int64_t n_frames;
+};
+
+Frames check_frames(const at::Tensor& pos, const at::Tensor& cell, const at::Tensor& shift,
+                    const at::Tensor& batch, const at::Tensor& center) {
+  const char* op = "sus2::basic_moments_from_positions: ";
+  TORCH_CHECK(pos.dim() == 2 && pos.size(1) == 3, op, "pos must be [N, 3]");
+  TORCH_CHECK(pos.scalar_type() == at::kDouble, op, "pos must be float64");
+  Frames f{pos.contiguous(), cell, shift, batch, 1};
+  if (cell.numel() > 0) {
+    TORCH_CHECK(cell.scalar_type() == at::kDouble && shift.scalar_type() == at::kDouble, op,
+                "cell and cell shifts must be float64");
+    f.cell = cell.reshape({-1, 3, 3}).contiguous();
+    f.n_frames = f.cell.size(0);
+    TORCH_CHECK(shift.dim() == 2 && shift.size(0) == center.size(0) && shift.size(1) == 3, op,
+                "cell shifts must be [E, 3]");
+    f.shift = shift.contiguous();
+    if (batch.numel() > 0) {
+      TORCH_CHECK(batch.scalar_type() == at::kLong && batch.numel() == pos.size(0), op,
+                  "batch must be int64 [N]");
+      f.batch = batch.contiguous();
+    } else {
+      TORCH_CHECK(f.n_frames == 1, op, "several cells need a batch index");
+    }
+  }
+  return f;
+}
+
+template <typename T>
+Positions<T> positions_of(const Frames& f, const Inputs& in) {
+  const bool periodic = f.cell.numel() > 0;
+  Positions<T> geo{f.pos.data_ptr<double>(),
+                   periodic ? f.cell.data_ptr<double>() : nullptr,
+                   periodic ? f.shift.data_ptr<double>() : nullptr,
+                   periodic && f.batch.numel() > 0 ? f.batch.data_ptr<int64_t>() : nullptr,
+                   in.center.data_ptr<int64_t>(),
+                   in.neighbor.data_ptr<int64_t>()};
+  geo.n_atoms = f.pos.size(0);
+  geo.n_frames = f.n_frames;
+  return geo;
+}
+
+at::Tensor basic_moments_from_positions(const at::Tensor& pos, const at::Tensor& cell,
+                                        const at::Tensor& shift, const at::Tensor& batch,
+                                        const at::Tensor& center, const at::Tensor& neighbor,
+                                        const at::Tensor& types, const at::Tensor& alpha,
+                                        const at::Tensor& r0, const at::Tensor& coeffs,
+                                        const at::Tensor& eta, const at::Tensor& weights,
+                                        const at::Tensor& basic, double r_max, double sigma) {
+  const Frames f = check_frames(pos, cell, shift, batch, center);
+  const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const int64_t E = center.size(0);
+  auto out = at::zeros({pos.size(0), basic.size(0)}, alpha.options());
+  if (E == 0 || basic.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(alpha.scalar_type(), "sus2_basic_moments_from_positions", [&] {
+    const auto m = model_of<scalar_t>(in, r_max, sigma);
+    forward_all(m, positions_of<scalar_t>(f, in), in.center.data_ptr<int64_t>(),
+                in.neighbor.data_ptr<int64_t>(), E, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> basic_moments_from_positions_backward(
+    const at::Tensor& grad_in, const at::Tensor& pos, const at::Tensor& cell,
+    const at::Tensor& shift, const at::Tensor& batch, const at::Tensor& center,
+    const at::Tensor& neighbor, const at::Tensor& types, const at::Tensor& alpha,
+    const at::Tensor& r0, const at::Tensor& coeffs, const at::Tensor& eta,
+    const at::Tensor& weights, const at::Tensor& basic, double r_max, double sigma) {
+  const Frames f = check_frames(pos, cell, shift, batch, center);
+  const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  const auto grad = grad_in.to(alpha.scalar_type()).contiguous();
+  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == basic.size(0),
+              "sus2::basic_moments_from_positions_backward: grad must be [N, n_basic]");
+  const int64_t E = center.size(0), N = pos.size(0);
+  const int threads = at::get_num_threads();
+  // one gradient accumulator per thread: an atom's edges fall in several chunks
+  auto grad_pos = at::zeros({threads, N, 3}, f.pos.options());
+  auto grad_cell = at::zeros({threads, f.n_frames, 3, 3}, f.pos.options());
+  if (E > 0 && basic.size(0) > 0) {
+    AT_DISPATCH_FLOATING_TYPES(alpha.scalar_type(), "sus2_from_positions_backward", [&] {
+      const auto m = model_of<scalar_t>(in, r_max, sigma);
+      auto geo = positions_of<scalar_t>(f, in);
+      geo.grad_pos = grad_pos.data_ptr<double>();
+      geo.grad_cell = grad_cell.data_ptr<double>();
+      backward_all(m, geo, in.center.data_ptr<int64_t>(), in.neighbor.data_ptr<int64_t>(),
+                   grad.data_ptr<scalar_t>(), E);
+    });
+  }
+  auto cell_grad = grad_cell.sum(0);
+  if (cell.numel() > 0) cell_grad = cell_grad.reshape(cell.sizes());
+  else cell_grad = at::zeros_like(cell);
+  return {grad_pos.sum(0), cell_grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sus2, m) {
+  m.def(
+      "basic_moments_from_positions(Tensor pos, Tensor cell, Tensor shift, Tensor batch, "
+      "Tensor center, Tensor neighbor, Tensor types, Tensor alpha, Tensor r0, Tensor coeffs, "
+      "Tensor eta_of_mu, Tensor weights, Tensor basic, float r_max, float sigma) -> Tensor");
+  m.def(
+      "basic_moments_from_positions_backward(Tensor grad, Tensor pos, Tensor cell, Tensor shift, "
+      "Tensor batch, Tensor center, Tensor neighbor, Tensor types, Tensor alpha, Tensor r0, "
+      "Tensor coeffs, Tensor eta_of_mu, Tensor weights, Tensor basic, float r_max, "
+      "float sigma) -> (Tensor, Tensor)");
   m.def(
       "basic_moments(Tensor vec, Tensor center, Tensor neighbor, Tensor types, Tensor alpha, "
       "Tensor r0, Tensor coeffs, Tensor eta_of_mu, Tensor weights, Tensor basic, float r_max, "
@@ -423,4 +625,6 @@ TORCH_LIBRARY_FRAGMENT(sus2, m) {
 TORCH_LIBRARY_IMPL(sus2, CPU, m) {
   m.impl("basic_moments", &basic_moments);
   m.impl("basic_moments_backward", &basic_moments_backward);
+  m.impl("basic_moments_from_positions", &basic_moments_from_positions);
+  m.impl("basic_moments_from_positions_backward", &basic_moments_from_positions_backward);
 }
