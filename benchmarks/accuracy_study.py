@@ -18,7 +18,7 @@ thread per training and at most ``--jobs`` trainings at a time. Steps (each can 
 
 Usage (from the project root, with ../shared beside it):
 
-    python benchmarks/accuracy_study.py                        # 8 min alloy / 4 min mlearn runs
+    python benchmarks/accuracy_study.py                        # 8 min alloy / 12 min mlearn runs
     python benchmarks/accuracy_study.py --budget 00:01:00:00 --mlearn-budget 00:00:30:00
     python benchmarks/accuracy_study.py --steps report         # re-collect finished runs
 """
@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,9 @@ def train(name: str, out: Path, budget: str, mlearn_budget: str, force: bool) ->
         *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if run_dir.exists():
+        # a rerun starts clean: Lightning would write best-v1.ckpt beside an old best.ckpt
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_output" / "benchmarks")
     parser.add_argument("--budget", default="00:00:08:00", help="alloy runs, DD:HH:MM:SS")
-    parser.add_argument("--mlearn-budget", default="00:00:04:00", help="mlearn runs")
+    parser.add_argument("--mlearn-budget", default="00:00:12:00", help="mlearn runs")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--seed", type=int, default=2025, help="test/learning-curve split seed")
     parser.add_argument("--test-fraction", type=float, default=0.1)

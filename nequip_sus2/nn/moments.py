@@ -116,14 +116,14 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     @model_modifier(persistent=False, private=False, unsupported_devices=["cuda"])
     @classmethod
     def enable_fused_moments(cls, model):
-        """Compute the per-edge part of SUS2 with the fused CPU kernel in inference (eval mode).
+        """Evaluate SUS2 with the fused CPU kernels in inference (eval mode).
 
-        One C++ pass over the edges evaluates the scaling map, Chebyshev basis, element embedding
-        and monomials and accumulates the basic moments ``M_b(i)``; the backward pass gives the
-        edge-vector gradients (forces, virial) the same way. Same values as the PyTorch path.
-        Eager and ``nequip-compile --mode aotinductor`` models on CPU; training keeps the
-        PyTorch path (the kernel has no parameter or second derivatives). The kernel is
-        compiled on first use.
+        One C++ pass over the edges builds the edge vectors and evaluates the scaling map,
+        Chebyshev basis, element embedding and monomials into the basic moments ``M_b(i)``, a
+        second operator runs the contraction program; their backward passes give the position
+        and cell gradients (forces, virial). Same values as the PyTorch path. Eager and
+        ``nequip-compile --mode aotinductor`` models on CPU; training keeps the PyTorch path
+        (the kernels have no parameter or second derivatives). Compiled on first use.
         """
         # by name, so that packaged copies of this module use the installed library
         importlib.import_module("nequip_sus2.kernels.ops")
