@@ -226,6 +226,10 @@ def test_operators_reject_bad_input_clearly(ops):
         ops.basic_moments(*_args(p, p["vec"][:, :2]))
     with pytest.raises(RuntimeError, match="mu out of range"):
         ops.basic_moments(*_args(dict(p, basic=p["basic"] + torch.tensor([9, 0, 0, 0])), p["vec"]))
+    with pytest.raises(RuntimeError, match="atom types out of range"):
+        ops.basic_moments(*_args(dict(p, types=p["types"] + 3), p["vec"]))
+    with pytest.raises(RuntimeError, match="edge index out of range"):
+        ops.basic_moments(*_args(dict(p, neighbor=p["neighbor"] + p["num_nodes"]), p["vec"]))
     with pytest.raises(RuntimeError, match="same dtype"):
         ops.basic_moments(*_args(dict(p, alpha=p["alpha"].float()), p["vec"]))
     with pytest.raises(RuntimeError, match="indexes a slot out of range"):

@@ -74,6 +74,20 @@ Inputs check(const at::Tensor& center, const at::Tensor& neighbor, const at::Ten
   }
   TORCH_CHECK(alpha.device().is_cpu() && center.device().is_cpu(), op,
               "the fused kernel runs on CPU only");
+  // indices are read without bounds checks below: check their ranges once
+  if (types.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(types);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weights.size(0), op,
+                "atom types out of range [0, ", weights.size(0), ")");
+  }
+  if (center.numel() > 0) {
+    const int64_t n = types.numel();
+    for (const auto* t : {&center, &neighbor}) {
+      const auto [lo, hi] = at::aminmax(*t);
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, op,
+                  "edge index out of range [0, ", n, ")");
+    }
+  }
   return {center.contiguous(), neighbor.contiguous(), types.contiguous(),
           alpha.contiguous(),  r0.contiguous(),       coeffs.contiguous(),
           eta.contiguous(),    weights.contiguous(),  basic.contiguous()};
