@@ -170,9 +170,13 @@ def export(name: str, out: Path) -> None:
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     pkg = models / f"{name}.nequip.zip"
-    if not pkg.exists():
+
+    def stale(path: Path) -> bool:  # missing, or older than a retrained checkpoint
+        return not path.exists() or path.stat().st_mtime < ckpt.stat().st_mtime
+
+    if stale(pkg):
         subprocess.run(["nequip-package", "build", str(ckpt), str(pkg)], check=True, cwd=ROOT)
-    if "sus2" in name and not (models / f"{name}.mtp").exists():
+    if "sus2" in name and stale(models / f"{name}.mtp"):
         subprocess.run(
             ["nequip-sus2", "export-mtp", str(ckpt), "-o", str(models / f"{name}.mtp")],
             check=True,
