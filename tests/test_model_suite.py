@@ -68,3 +68,12 @@ class TestSUS2Compile(_SUS2Tests):
     @classmethod
     def config(cls):
         return dict(CONFIGS["L3K2-LK"])
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def ase_compile_modifiers(cls):
+        """float64 models are compiled with the fused CPU kernels, float32 ones without, so the
+        suite's compiled-vs-eager ASE check covers both evaluation paths."""
+        return lambda mode, device, model_dtype: (
+            ["enable_fused_moments"] if device == "cpu" and model_dtype == "float64" else []
+        )
