@@ -378,7 +378,7 @@ def run_bench(
                 )
                 if cm is not None:
                     entry["compile_seconds"] = cm.compile_seconds
-                    entry["compile_modifiers"] = modifiers
+                    entry["compile_modifiers"] = " ".join(modifiers)  # a list reads as rows
                     entry["compiled_path"] = cm.source
                     entry["compiled"] = (
                         rec.run(
