@@ -54,6 +54,16 @@ def run_ok(cmd: list[str], cwd=None, timeout: float = 900, env=None) -> subproce
     return proc
 
 
+def perturb_parameters(model, seed: int, scale: float = 0.1):
+    """Add ``scale`` x N(0, 1) noise to every parameter (random, non-trivial parameters so that
+    every basis function contributes); returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 def random_fcc_structure(rng: np.random.Generator, n_types: int, r_max: float):
     """A rattled, sheared fcc cell with random species (periodic), as a NequIP data dict."""
     a = rng.uniform(3.5, 4.2)

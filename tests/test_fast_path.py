@@ -13,8 +13,14 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-from _helpers import assert_same, build, evaluate_model, frame_data, random_fcc_structure
+from _helpers import (
+    assert_same,
+    build,
+    evaluate_model,
+    frame_data,
+    perturb_parameters,
+    random_fcc_structure,
+)
 from conftest import GOLDEN, SPECIES, require_reference
 
 from nequip_sus2.io.cfg import read_cfg
@@ -53,11 +59,7 @@ def test_fast_path_equals_generic_path_on_random_structures(L, K, basis):
         radial_basis_size=6,
         basis=basis,
     )
-    # random, non-trivial parameters so that every basis function contributes
-    gen = torch.Generator().manual_seed(L + K)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_parameters(model, L + K)
     assert _moments(model).canonical_shape == (K, L), "the fast path must be active"
     generic = _generic_twin(model)
     rng = np.random.default_rng(L * 100 + K)

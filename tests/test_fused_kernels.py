@@ -16,7 +16,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_same, build, evaluate_model, frame_data, random_fcc_structure
+from _helpers import (
+    assert_same,
+    build,
+    evaluate_model,
+    frame_data,
+    perturb_parameters,
+    random_fcc_structure,
+)
 from conftest import GOLDEN, SPECIES, require_reference
 from nequip.data import AtomicDataDict
 
@@ -50,11 +57,17 @@ def _fused_twin(model):
 
 
 def _randomised(model, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.eval()
+    return perturb_parameters(model, seed).eval()
+
+
+def _small_model(seed: int, radial_channels: int, radial_basis_size: int, **kwargs):
+    """A randomised float64 L2 SUS2 model for the seven EMT species (eval mode)."""
+    kwargs.setdefault("model_dtype", "float64")
+    model = build(
+        SUS2Model, seed=seed, r_max=5.0, type_names=EMT, max_rank=2,
+        radial_channels=radial_channels, radial_basis_size=radial_basis_size, **kwargs,
+    )  # fmt: skip
+    return _randomised(model, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,11 +308,7 @@ def test_fused_model_on_a_batch_and_with_a_pair_potential(ops):
     zbl = {"_target_": "nequip.nn.pair_potential.ZBL", "units": "metal",
            "chemical_species": EMT}  # fmt: skip
     for pair_potential in (None, zbl):
-        model = build(
-            SUS2Model, seed=11, model_dtype="float64", r_max=5.0, type_names=EMT, max_rank=2,
-            radial_channels=2, radial_basis_size=5, pair_potential=pair_potential,
-        )  # fmt: skip
-        model = _randomised(model, 11)
+        model = _small_model(11, 2, 5, pair_potential=pair_potential)
         fused = _fused_twin(model)
         rng = np.random.default_rng(11)
         frames = [random_fcc_structure(rng, len(EMT), 5.0) for _ in range(2)]
@@ -308,11 +317,7 @@ def test_fused_model_on_a_batch_and_with_a_pair_potential(ops):
 
 
 def test_fused_float32_model_is_close(ops):
-    model = build(
-        SUS2Model, seed=3, model_dtype="float32", r_max=5.0, type_names=EMT, max_rank=2,
-        radial_channels=3, radial_basis_size=6,
-    )  # fmt: skip
-    model = _randomised(model, 3)
+    model = _small_model(3, 3, 6, model_dtype="float32")
     fused = _fused_twin(model)
     data = random_fcc_structure(np.random.default_rng(3), len(EMT), 5.0)
     assert_same(evaluate_model(fused, data), evaluate_model(model, data), rtol=1e-5)
@@ -321,11 +326,7 @@ def test_fused_float32_model_is_close(ops):
 def test_training_keeps_the_pytorch_path(ops):
     """In train() mode the modifier changes nothing: parameter gradients of a force loss exist
     and equal the unmodified model's; in eval() mode parameters are not differentiated."""
-    model = build(
-        SUS2Model, seed=5, model_dtype="float64", r_max=5.0, type_names=EMT, max_rank=2,
-        radial_channels=2, radial_basis_size=5,
-    )  # fmt: skip
-    model = _randomised(model, 5)
+    model = _small_model(5, 2, 5)
     fused = _fused_twin(model)
     data = random_fcc_structure(np.random.default_rng(5), len(EMT), 5.0)
     assert_same(

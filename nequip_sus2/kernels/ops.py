@@ -116,63 +116,9 @@ def _load() -> None:
         torch.library.register_autograd(f"sus2::{name}", no_second_derivative)
 
 
-def basic_moments(
-    vec: torch.Tensor,
-    center: torch.Tensor,
-    neighbor: torch.Tensor,
-    types: torch.Tensor,
-    alpha: torch.Tensor,
-    r0: torch.Tensor,
-    coeffs: torch.Tensor,
-    eta_of_mu: torch.Tensor,
-    weights: torch.Tensor,
-    basic: torch.Tensor,
-    r_max: float,
-    sigma: float,
-    num_nodes: int,
-) -> torch.Tensor:
-    """Basic moments ``[num_nodes, n_basic]`` (see the module docstring)."""
-    return torch.ops.sus2.basic_moments(
-        vec, center, neighbor, types, alpha, r0, coeffs, eta_of_mu, weights, basic, r_max,
-        sigma, num_nodes,
-    )  # fmt: skip
-
-
-def contract_moments(
-    basic: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    m: torch.Tensor,
-    o: torch.Tensor,
-    mapping: torch.Tensor,
-    num_slots: int,
-) -> torch.Tensor:
-    """Scalar basis ``[N, N_B]`` from the basic moments (see the module docstring)."""
-    return torch.ops.sus2.contract_moments(basic, p, q, m, o, mapping, num_slots)
-
-
-def basic_moments_from_positions(
-    pos: torch.Tensor,
-    cell: torch.Tensor,
-    shift: torch.Tensor,
-    batch: torch.Tensor,
-    center: torch.Tensor,
-    neighbor: torch.Tensor,
-    types: torch.Tensor,
-    alpha: torch.Tensor,
-    r0: torch.Tensor,
-    coeffs: torch.Tensor,
-    eta_of_mu: torch.Tensor,
-    weights: torch.Tensor,
-    basic: torch.Tensor,
-    r_max: float,
-    sigma: float,
-) -> torch.Tensor:
-    """Basic moments ``[N, n_basic]`` from positions (see the module docstring)."""
-    return torch.ops.sus2.basic_moments_from_positions(
-        pos, cell, shift, batch, center, neighbor, types, alpha, r0, coeffs, eta_of_mu, weights,
-        basic, r_max, sigma,
-    )  # fmt: skip
-
-
 _load()
+
+# the operators themselves (signatures in the module docstring)
+basic_moments = torch.ops.sus2.basic_moments
+basic_moments_from_positions = torch.ops.sus2.basic_moments_from_positions
+contract_moments = torch.ops.sus2.contract_moments
