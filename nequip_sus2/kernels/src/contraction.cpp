@@ -8,11 +8,12 @@
 //   dL/dM_p += m M_q dL/dM_o,   dL/dM_q += m M_p dL/dM_o.
 //
 // Atoms are processed in blocks of kAtoms with the slots as rows ([slot][atom]), so every entry
-// is one vectorisable loop over the block. Registered as sus2::contract_moments and
+// is one vector multiply-add (or two) over the block. Registered as sus2::contract_moments and
 // sus2::contract_moments_backward (shape functions and autograd in nequip_sus2/kernels/ops.py).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -73,12 +74,15 @@ void evaluate(const Program<T>& prog, const T* basic, int64_t i0, int64_t n, T* 
     for (int64_t b = 0; b < prog.n_basic; ++b) M[b * kAtoms + i] = row[b];
   }
   std::fill(M + prog.n_basic * kAtoms, M + prog.n_slots * kAtoms, T(0));
+  using V = at::vec::Vectorized<T>;
   for (size_t k = 0; k < prog.p.size(); ++k) {
     const T* Mp = M + prog.p[k] * kAtoms;
     const T* Mq = M + prog.q[k] * kAtoms;
     T* Mo = M + prog.o[k] * kAtoms;
-    const T mk = prog.m[k];
-    for (int64_t i = 0; i < kAtoms; ++i) Mo[i] += mk * Mp[i] * Mq[i];
+    const V mk(prog.m[k]);
+    for (int64_t i = 0; i < kAtoms; i += V::size()) {
+      at::vec::fmadd(mk * V::loadu(Mp + i), V::loadu(Mq + i), V::loadu(Mo + i)).store(Mo + i);
+    }
   }
 }
 
@@ -100,7 +104,8 @@ at::Tensor contract_moments(const at::Tensor& basic_in, const at::Tensor& p, con
         const int64_t n = std::min(kAtoms, end - i0);
         evaluate(prog, b, i0, n, M.data());
         for (int64_t i = 0; i < n; ++i) {
-          for (int64_t a = 0; a < n_basis; ++a) y[(i0 + i) * n_basis + a] = M[prog.mapping[a] * kAtoms + i];
+          scalar_t* yi = y + (i0 + i) * n_basis;
+          for (int64_t a = 0; a < n_basis; ++a) yi[a] = M[prog.mapping[a] * kAtoms + i];
         }
       }
     });
@@ -129,8 +134,11 @@ at::Tensor contract_moments_backward(const at::Tensor& grad_in, const at::Tensor
         const int64_t n = std::min(kAtoms, end - i0);
         evaluate(prog, b, i0, n, M.data());
         std::fill(G.begin(), G.end(), scalar_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t a = 0; a < n_basis; ++a) G[prog.mapping[a] * kAtoms + i] += g[(i0 + i) * n_basis + a];
+        // slot rows of dL/dB, one slot at a time (a slot may feed several basis functions)
+        for (int64_t a = 0; a < n_basis; ++a) {
+          scalar_t* Ga = G.data() + prog.mapping[a] * kAtoms;
+          const scalar_t* ga = g + i0 * n_basis + a;
+          for (int64_t i = 0; i < n; ++i) Ga[i] += ga[i * n_basis];
         }
         for (int64_t k = static_cast<int64_t>(prog.p.size()) - 1; k >= 0; --k) {
           const scalar_t* Mp = M.data() + prog.p[k] * kAtoms;
@@ -138,13 +146,14 @@ at::Tensor contract_moments_backward(const at::Tensor& grad_in, const at::Tensor
           const scalar_t* Go = G.data() + prog.o[k] * kAtoms;
           scalar_t* Gp = G.data() + prog.p[k] * kAtoms;
           scalar_t* Gq = G.data() + prog.q[k] * kAtoms;
-          const scalar_t mk = prog.m[k];
+          using V = at::vec::Vectorized<scalar_t>;
+          const V mk(prog.m[k]);
           // p == q (a square) gets both terms, as the product rule says
-          for (int64_t i = 0; i < kAtoms; ++i) {
-            const scalar_t go = mk * Go[i];
-            const scalar_t mq = Mq[i], mp = Mp[i];
-            Gp[i] += go * mq;
-            Gq[i] += go * mp;
+          for (int64_t i = 0; i < kAtoms; i += V::size()) {
+            const V go = mk * V::loadu(Go + i);
+            const V mq = V::loadu(Mq + i), mp = V::loadu(Mp + i);
+            at::vec::fmadd(go, mq, V::loadu(Gp + i)).store(Gp + i);
+            at::vec::fmadd(go, mp, V::loadu(Gq + i)).store(Gq + i);
           }
         }
         for (int64_t i = 0; i < n; ++i) {

@@ -14,12 +14,15 @@
 // sus2::basic_moments_from_positions, builds them from the positions, the cell and the edge cell
 // shifts (r_ij = x_j - x_i + S_e . cell, in float64) and its backward returns dL/dx and dL/dcell
 // directly (forces and, through NequIP's cell displacement, the virial), so no [E, 3] array is
-// stored or scattered outside the kernel. CPU kernels; shape functions and autograd come from
-// nequip_sus2/kernels/ops.py. Only the geometry is differentiated: the operators serve inference. The same file is compiled into the LAMMPS
+// stored or scattered outside the kernel. Both passes walk the edges one centre atom at a time
+// (see Block), with every per-edge step vectorised over the atom's edges. CPU kernels; shape
+// functions and autograd come from nequip_sus2/kernels/ops.py. Only the geometry is
+// differentiated: the operators serve inference. The same file is compiled into the LAMMPS
 // plugin so that AOTInductor-compiled models calling the operators run there too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -43,7 +46,8 @@ struct Model {
   const int64_t* types;   // [N]
   std::vector<int64_t> mu, mono;         // per basic slot: radial function, monomial
   std::vector<int64_t> ma, mb, mc;        // per distinct monomial u_x^a u_y^b u_z^c
-  int64_t n_eta, n_types, n_mu, n_r, n_basic, max_power = 0;
+  std::vector<std::vector<int64_t>> slots_of_mu, slots_of_mono;  // the inverse maps
+  int64_t n_atoms, n_eta, n_types, n_mu, n_r, n_basic, max_power = 0;
   T r_max, sigma;
 };
 
@@ -63,6 +67,7 @@ Inputs check(const at::Tensor& center, const at::Tensor& neighbor, const at::Ten
               op, "center and neighbor must be [E]");
   TORCH_CHECK(alpha.dim() == 2 && r0.sizes() == alpha.sizes(), op,
               "alpha and r0 must be [N_eta, C*C]");
+  TORCH_CHECK(weights.size(0) <= 40000, op, "at most 40000 species");  // pair indices in int32
   TORCH_CHECK(weights.dim() == 1 && weights.size(0) * weights.size(0) == alpha.size(1), op,
               "weights must be [C] with alpha [N_eta, C*C]");
   TORCH_CHECK(coeffs.dim() == 2 && eta.dim() == 1 && eta.size(0) == coeffs.size(0), op,
@@ -80,14 +85,7 @@ Inputs check(const at::Tensor& center, const at::Tensor& neighbor, const at::Ten
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weights.size(0), op,
                 "atom types out of range [0, ", weights.size(0), ")");
   }
-  if (center.numel() > 0) {
-    const int64_t n = types.numel();
-    for (const auto* t : {&center, &neighbor}) {
-      const auto [lo, hi] = at::aminmax(*t);
-      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, op,
-                  "edge index out of range [0, ", n, ")");
-    }
-  }
+  // edge indices are checked while the kernels scan the edges (for_each_segment)
   return {center.contiguous(), neighbor.contiguous(), types.contiguous(),
           alpha.contiguous(),  r0.contiguous(),       coeffs.contiguous(),
           eta.contiguous(),    weights.contiguous(),  basic.contiguous()};
@@ -111,6 +109,7 @@ Model<T> model_of(const Inputs& in, double r_max, double sigma) {
   m.eta = in.eta.data_ptr<int64_t>();
   m.weights = in.weights.data_ptr<T>();
   m.types = in.types.data_ptr<int64_t>();
+  m.n_atoms = in.types.numel();
   m.n_eta = in.alpha.size(0);
   m.n_types = in.weights.size(0);
   m.n_mu = in.coeffs.size(0);
@@ -142,56 +141,108 @@ Model<T> model_of(const Inputs& in, double r_max, double sigma) {
     }
     m.mono.push_back(j);
   }
+  m.slots_of_mu.resize(m.n_mu);
+  m.slots_of_mono.resize(m.ma.size());
+  for (int64_t k = 0; k < m.n_basic; ++k) {
+    m.slots_of_mu[m.mu[k]].push_back(k);
+    m.slots_of_mono[m.mono[k]].push_back(k);
+  }
   return m;
 }
 
-// Edges are processed in blocks of kBlock, structure-of-arrays: every loop over the block is a
-// plain loop over contiguous arrays that the compiler vectorises; tanh uses ATen's vectorised
-// (Sleef) implementation. Only the gathers (pair tables, moment rows) are scalar.
-constexpr int64_t kBlock = 64;
+// Edges are processed per centre atom: a segment is a run of consecutive edges with the same
+// centre (at most kLanes; NequIP's and LAMMPS's neighbour lists group the edges of an atom, any
+// order is still correct, only slower). Structure-of-arrays over the segment's lanes, padded to
+// a multiple of the vector width with edges beyond the cutoff, so every loop over the lanes is
+// a plain loop the compiler vectorises (tanh from ATen's vectorised Sleef implementation). The
+// centre's position, type and dL/dM row are loaded once per segment, its moments are reduced in
+// registers, and only the neighbours' gathers and gradient scatters stay scalar.
+constexpr int64_t kLanes = 64;
+
+// The lane loops have no dependencies between lanes, but the compiler cannot prove that the
+// block's arrays do not overlap: tell it (OpenMP SIMD, the kernels are built with -fopenmp).
+#define SUS2_SIMD _Pragma("omp simd")
 
 template <typename T>
 struct Block {
-  int64_t n = 0;  // edges in this block
+  int64_t n = 0, np = 0, center = 0;  // edges, padded lanes, centre atom of this segment
   std::vector<T> r, inv, ux, uy, uz, w, env, denv, arg;
-  std::vector<T> cheb, dcheb, dxi;  // [N_eta][R][B], [N_eta][R][B], [N_eta][B]
-  std::vector<T> f, df;             // [N_mu][B]
-  std::vector<T> px, py, pz;        // [P+1][B]
-  std::vector<T> mono;              // [n_mono][B]
-  std::vector<T> slot;              // [n_basic][B]: moments (forward) or dL/dM (backward)
-  std::vector<int64_t> pair;
+  std::vector<T> cheb, dcheb, dxi;  // [N_eta][R][lanes], [N_eta][R][lanes], [N_eta][lanes]
+  std::vector<T> f, df;             // [N_mu][lanes]
+  std::vector<T> px, py, pz;        // [P+1][lanes]
+  std::vector<T> mono;              // [n_mono][lanes]
+  std::vector<T> half_alpha;         // [N_eta][lanes]: alpha/2 of each edge's pair
+  std::vector<at::vec::int_same_size_t<T>> pair;  // Z_i C + Z_j, as vector-gather indices
   explicit Block(const Model<T>& m)
-      : r(kBlock), inv(kBlock), ux(kBlock), uy(kBlock), uz(kBlock), w(kBlock), env(kBlock),
-        denv(kBlock), arg(kBlock), cheb(m.n_eta * m.n_r * kBlock),
-        dcheb(m.n_eta * m.n_r * kBlock), dxi(m.n_eta * kBlock), f(m.n_mu * kBlock),
-        df(m.n_mu * kBlock), px((m.max_power + 1) * kBlock), py((m.max_power + 1) * kBlock),
-        pz((m.max_power + 1) * kBlock), mono(m.ma.size() * kBlock), slot(m.n_basic * kBlock),
-        pair(kBlock) {}
+      : r(kLanes), inv(kLanes), ux(kLanes), uy(kLanes), uz(kLanes), w(kLanes), env(kLanes),
+        denv(kLanes), arg(kLanes), cheb(m.n_eta * m.n_r * kLanes),
+        dcheb(m.n_eta * m.n_r * kLanes), dxi(m.n_eta * kLanes), f(m.n_mu * kLanes),
+        df(m.n_mu * kLanes), px((m.max_power + 1) * kLanes), py((m.max_power + 1) * kLanes),
+        pz((m.max_power + 1) * kLanes), mono(m.ma.size() * kLanes),
+        half_alpha(m.n_eta * kLanes), pair(kLanes) {}
 };
 
+// tanh(y) = 1 - 2 / (1 + exp(2y)): one vectorised exp (cheaper than a vectorised tanh), exact
+// to a few units in the last place of 1 (xi enters the model only through polynomials of xi
+// and 1 - xi^2, so absolute accuracy is what matters); exp overflow gives exactly +-1.
 template <typename T>
 inline void tanh_inplace(T* x, int64_t n) {
   using V = at::vec::Vectorized<T>;
+  const V one(T(1)), two(T(2));
   int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) V::loadu(x + i).tanh().store(x + i);
+  for (; i + V::size() <= n; i += V::size()) {
+    (one - two / (one + (two * V::loadu(x + i)).exp())).store(x + i);
+  }
   for (; i < n; ++i) x[i] = std::tanh(x[i]);
+}
+
+// Lane-wise partial sums of a_i b_i over np lanes (np a multiple of the vector width), stored
+// to out[0 .. vector width)
+template <typename T>
+inline void dot_lanes(const T* a, const T* b, int64_t np, T* out) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  for (int64_t i = 0; i < np; i += V::size()) {
+    acc = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), acc);
+  }
+  acc.store(out);
+}
+
+// Calls fn(e0, n, centre) for each segment of the edges [begin, end), checking the indices
+// (they are read without bounds checks afterwards).
+template <typename F>
+void for_each_segment(const int64_t* center, const int64_t* neighbor, int64_t n_atoms,
+                      int64_t begin, int64_t end, F&& fn) {
+  for (int64_t e0 = begin; e0 < end;) {
+    const int64_t a = center[e0];
+    int64_t e1 = e0;
+    bool ok = a >= 0 && a < n_atoms;
+    for (; e1 < end && e1 - e0 < kLanes && center[e1] == a; ++e1) {
+      ok &= neighbor[e1] >= 0 && neighbor[e1] < n_atoms;
+    }
+    TORCH_CHECK(ok, "sus2::basic_moments: edge index out of range [0, ", n_atoms, ")");
+    fn(e0, e1 - e0, a);
+    e0 = e1;
+  }
 }
 
 // Where the edge vectors come from, and where their gradients go: an [E, 3] tensor
 // (EdgeVectors) or positions, cell and cell shifts (Positions). load() writes the vectors of
-// edges [e0, e0 + n) to x, y, z; add_grad() takes dL/dr_ij of those edges (thread tid).
+// the segment's edges [e0, e0 + n) (centre a) to x, y, z; add_grad() takes their dL/dr_ij
+// (thread tid).
 template <typename T>
 struct EdgeVectors {
   const T* vec;
   T* grad = nullptr;  // [E, 3]
-  void load(int64_t e0, int64_t n, T* x, T* y, T* z) const {
+  void load(int64_t e0, int64_t n, int64_t a, T* x, T* y, T* z) const {
     for (int64_t i = 0; i < n; ++i) {
       x[i] = vec[3 * (e0 + i)];
       y[i] = vec[3 * (e0 + i) + 1];
       z[i] = vec[3 * (e0 + i) + 2];
     }
   }
-  void add_grad(int64_t e0, int64_t n, const T* gx, const T* gy, const T* gz, int tid) const {
+  void add_grad(int64_t e0, int64_t n, int64_t a, const T* gx, const T* gy, const T* gz,
+                int tid) const {
     for (int64_t i = 0; i < n; ++i) {
       grad[3 * (e0 + i)] = gx[i];
       grad[3 * (e0 + i) + 1] = gy[i];
@@ -207,243 +258,291 @@ struct Positions {
   const double* cell;   // [B, 3, 3] or nullptr (no cell)
   const double* shift;  // [E, 3] or nullptr
   const int64_t* batch;  // [N] or nullptr (one frame)
-  const int64_t* center;
   const int64_t* neighbor;
   double* grad_pos = nullptr;   // [threads][N, 3]
   double* grad_cell = nullptr;  // [threads][B, 3, 3]
   int64_t n_atoms = 0, n_frames = 0;
-  void load(int64_t e0, int64_t n, T* x, T* y, T* z) const {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t e = e0 + i, a = center[e], b = neighbor[e];
-      double d[3] = {pos[3 * b] - pos[3 * a], pos[3 * b + 1] - pos[3 * a + 1],
-                     pos[3 * b + 2] - pos[3 * a + 2]};
-      if (cell != nullptr) {
-        const double* c = cell + 9 * (batch != nullptr ? batch[a] : 0);
-        const double* s = shift + 3 * e;
-        for (int k = 0; k < 3; ++k) d[k] += s[0] * c[k] + s[1] * c[3 + k] + s[2] * c[6 + k];
+  const double* cell_of(int64_t a) const { return cell + 9 * (batch != nullptr ? batch[a] : 0); }
+  void load(int64_t e0, int64_t n, int64_t a, T* x, T* y, T* z) const {
+    const double xa = pos[3 * a], ya = pos[3 * a + 1], za = pos[3 * a + 2];
+    const int64_t* nb = neighbor + e0;
+    if (cell == nullptr) {
+      for (int64_t i = 0; i < n; ++i) {
+        x[i] = static_cast<T>(pos[3 * nb[i]] - xa);
+        y[i] = static_cast<T>(pos[3 * nb[i] + 1] - ya);
+        z[i] = static_cast<T>(pos[3 * nb[i] + 2] - za);
       }
-      x[i] = static_cast<T>(d[0]);
-      y[i] = static_cast<T>(d[1]);
-      z[i] = static_cast<T>(d[2]);
+      return;
+    }
+    const double* c = cell_of(a);
+    const double* s = shift + 3 * e0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double s0 = s[3 * i], s1 = s[3 * i + 1], s2 = s[3 * i + 2];
+      x[i] = static_cast<T>(pos[3 * nb[i]] - xa + (s0 * c[0] + s1 * c[3] + s2 * c[6]));
+      y[i] = static_cast<T>(pos[3 * nb[i] + 1] - ya + (s0 * c[1] + s1 * c[4] + s2 * c[7]));
+      z[i] = static_cast<T>(pos[3 * nb[i] + 2] - za + (s0 * c[2] + s1 * c[5] + s2 * c[8]));
     }
   }
-  void add_grad(int64_t e0, int64_t n, const T* gx, const T* gy, const T* gz, int tid) const {
+  // dL/dx_j += g_ij, dL/dx_i -= sum_j g_ij, dL/dcell_b += sum_j S_e (x) g_ij
+  void add_grad(int64_t e0, int64_t n, int64_t a, const T* gx, const T* gy, const T* gz,
+                int tid) const {
     double* gp = grad_pos + tid * n_atoms * 3;
+    const int64_t* nb = neighbor + e0;
+    double sx = 0, sy = 0, sz = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t e = e0 + i, a = center[e], b = neighbor[e];
+      gp[3 * nb[i]] += gx[i];
+      gp[3 * nb[i] + 1] += gy[i];
+      gp[3 * nb[i] + 2] += gz[i];
+      sx += gx[i];
+      sy += gy[i];
+      sz += gz[i];
+    }
+    gp[3 * a] -= sx;
+    gp[3 * a + 1] -= sy;
+    gp[3 * a + 2] -= sz;
+    if (cell == nullptr) return;
+    double c[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const double* s = shift + 3 * e0;
+    for (int64_t i = 0; i < n; ++i) {
       const double g[3] = {gx[i], gy[i], gz[i]};
-      for (int k = 0; k < 3; ++k) {
-        gp[3 * b + k] += g[k];
-        gp[3 * a + k] -= g[k];
-      }
-      if (cell != nullptr) {
-        double* gc = grad_cell + (tid * n_frames + (batch != nullptr ? batch[a] : 0)) * 9;
-        const double* s = shift + 3 * e;
-        for (int r = 0; r < 3; ++r) {
-          for (int k = 0; k < 3; ++k) gc[3 * r + k] += s[r] * g[k];
-        }
+      for (int r = 0; r < 3; ++r) {
+        for (int k = 0; k < 3; ++k) c[3 * r + k] += s[3 * i + r] * g[k];
       }
     }
+    double* gc = grad_cell + (tid * n_frames + (batch != nullptr ? batch[a] : 0)) * 9;
+    for (int k = 0; k < 9; ++k) gc[k] += c[k];
   }
 };
 
-// Radial functions f (and f' if with_derivative) and monomials of the edges [e0, e0 + blk.n),
-// whose vectors are in blk.ux, blk.uy, blk.uz.
+// Radial functions f (and f' if with_derivative) and monomials of the segment's edges, whose
+// vectors are in blk.ux, blk.uy, blk.uz (lanes [n, np) are set here to padding edges beyond the
+// cutoff, which contribute exactly zero).
 template <typename T>
-void evaluate_block(const Model<T>& m, const int64_t* center, const int64_t* neighbor,
-                    int64_t e0, bool with_derivative, Block<T>& blk) {
-  const int64_t n = blk.n, CC = m.n_types * m.n_types;
+void evaluate_block(const Model<T>& m, const int64_t* neighbor, int64_t e0, bool with_derivative,
+                    Block<T>& blk) {
+  const int64_t n = blk.n, np = blk.np, CC = m.n_types * m.n_types;
+  const int64_t zi = m.types[blk.center];
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = e0 + i;
-    const int64_t zi = m.types[center[e]], zj = m.types[neighbor[e]];
+    const int64_t zj = m.types[neighbor[e0 + i]];
     blk.pair[i] = zi * m.n_types + zj;
     blk.w[i] = m.weights[zi] * m.weights[zj];
   }
-  for (int64_t i = 0; i < n; ++i) {
-    blk.r[i] = std::sqrt(blk.ux[i] * blk.ux[i] + blk.uy[i] * blk.uy[i] + blk.uz[i] * blk.uz[i]);
+  SUS2_SIMD
+  for (int64_t i = n; i < np; ++i) {
+    blk.pair[i] = zi * m.n_types;
+    blk.w[i] = T(0);
+    blk.ux[i] = T(2) * m.r_max + T(1);
+    blk.uy[i] = blk.uz[i] = T(0);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const T r = blk.r[i], d = r - m.r_max;
-    const bool inside = r < m.r_max;  // the envelope vanishes at and beyond the cutoff
-    blk.inv[i] = T(1) / r;
-    blk.ux[i] *= blk.inv[i];
-    blk.uy[i] *= blk.inv[i];
-    blk.uz[i] *= blk.inv[i];
-    blk.env[i] = inside ? m.sigma * d * d : T(0);
-    blk.denv[i] = inside ? T(2) * m.sigma * d : T(0);
+  using V = at::vec::Vectorized<T>;
+  using I = at::vec::Vectorized<at::vec::int_same_size_t<T>>;
+  const V r_max(m.r_max), sigma(m.sigma), one(T(1)), zero(T(0));
+  for (int64_t i = 0; i < np; i += V::size()) {
+    const V x = V::loadu(blk.ux.data() + i), y = V::loadu(blk.uy.data() + i),
+            z = V::loadu(blk.uz.data() + i);
+    const V r = (x * x + y * y + z * z).sqrt(), inv = one / r, d = r - r_max;
+    const V inside = r < r_max;  // the envelope vanishes at and beyond the cutoff
+    r.store(blk.r.data() + i);
+    inv.store(blk.inv.data() + i);
+    (x * inv).store(blk.ux.data() + i);
+    (y * inv).store(blk.uy.data() + i);
+    (z * inv).store(blk.uz.data() + i);
+    V::blendv(zero, sigma * d * d, inside).store(blk.env.data() + i);
+    V::blendv(zero, V(T(2)) * sigma * d, inside).store(blk.denv.data() + i);
   }
   for (int64_t eta = 0; eta < m.n_eta; ++eta) {
     const T* alpha = m.alpha + eta * CC;
     const T* r0 = m.r0 + eta * CC;
-    for (int64_t i = 0; i < n; ++i) {
-      blk.arg[i] = T(0.5) * alpha[blk.pair[i]] * (blk.r[i] - r0[blk.pair[i]]);
+    T* ha = blk.half_alpha.data() + eta * kLanes;
+    for (int64_t i = 0; i < np; i += V::size()) {  // pair-table lookups by vector gathers
+      const I pair = I::loadu(blk.pair.data() + i);
+      const V a = V(T(0.5)) * at::vec::gather<sizeof(T)>(alpha, pair);
+      a.store(ha + i);
+      (a * (V::loadu(blk.r.data() + i) - at::vec::gather<sizeof(T)>(r0, pair))).store(blk.arg.data() + i);
     }
-    tanh_inplace(blk.arg.data(), n);
+    tanh_inplace(blk.arg.data(), np);
     // T_0 = 1, T_1 = xi, T_{k+1} = 2 xi T_k - T_{k-1};  T'_{k+1} = 2 T_k + 2 xi T'_k - T'_{k-1}
-    T* t = blk.cheb.data() + eta * m.n_r * kBlock;
-    T* dt = blk.dcheb.data() + eta * m.n_r * kBlock;
+    T* t = blk.cheb.data() + eta * m.n_r * kLanes;
+    T* dt = blk.dcheb.data() + eta * m.n_r * kLanes;
     const T* xi = blk.arg.data();
-    for (int64_t i = 0; i < n; ++i) t[i] = T(1);
+    SUS2_SIMD
+    for (int64_t i = 0; i < np; ++i) t[i] = T(1);
     if (m.n_r > 1) {
-      for (int64_t i = 0; i < n; ++i) t[kBlock + i] = xi[i];
+      SUS2_SIMD
+      for (int64_t i = 0; i < np; ++i) t[kLanes + i] = xi[i];
     }
     for (int64_t k = 2; k < m.n_r; ++k) {
-      T* tk = t + k * kBlock;
-      for (int64_t i = 0; i < n; ++i) tk[i] = T(2) * xi[i] * tk[i - kBlock] - tk[i - 2 * kBlock];
+      T* tk = t + k * kLanes;
+      SUS2_SIMD
+      for (int64_t i = 0; i < np; ++i) tk[i] = T(2) * xi[i] * tk[i - kLanes] - tk[i - 2 * kLanes];
     }
     if (with_derivative) {
-      for (int64_t i = 0; i < n; ++i) dt[i] = T(0);
+      SUS2_SIMD
+      for (int64_t i = 0; i < np; ++i) dt[i] = T(0);
       if (m.n_r > 1) {
-        for (int64_t i = 0; i < n; ++i) dt[kBlock + i] = T(1);
+        SUS2_SIMD
+        for (int64_t i = 0; i < np; ++i) dt[kLanes + i] = T(1);
       }
       for (int64_t k = 2; k < m.n_r; ++k) {
-        const T* tk1 = t + (k - 1) * kBlock;
-        T* dtk = dt + k * kBlock;
-        for (int64_t i = 0; i < n; ++i) {
-          dtk[i] = T(2) * tk1[i] + T(2) * xi[i] * dtk[i - kBlock] - dtk[i - 2 * kBlock];
+        const T* tk1 = t + (k - 1) * kLanes;
+        T* dtk = dt + k * kLanes;
+        SUS2_SIMD
+        for (int64_t i = 0; i < np; ++i) {
+          dtk[i] = T(2) * tk1[i] + T(2) * xi[i] * dtk[i - kLanes] - dtk[i - 2 * kLanes];
         }
       }
-      T* dxi = blk.dxi.data() + eta * kBlock;
-      for (int64_t i = 0; i < n; ++i) {
-        dxi[i] = T(0.5) * alpha[blk.pair[i]] * (T(1) - xi[i] * xi[i]);
+      T* dxi = blk.dxi.data() + eta * kLanes;
+      SUS2_SIMD
+      for (int64_t i = 0; i < np; ++i) {
+        dxi[i] = ha[i] * (T(1) - xi[i] * xi[i]);
       }
     }
   }
   for (int64_t mu = 0; mu < m.n_mu; ++mu) {
     const T* c = m.coeffs + mu * m.n_r;
-    const T* t = blk.cheb.data() + m.eta[mu] * m.n_r * kBlock;
-    T* f = blk.f.data() + mu * kBlock;
-    for (int64_t i = 0; i < n; ++i) f[i] = T(0);
-    for (int64_t k = 0; k < m.n_r; ++k) {
-      for (int64_t i = 0; i < n; ++i) f[i] += c[k] * t[k * kBlock + i];
-    }
+    const T* t = blk.cheb.data() + m.eta[mu] * m.n_r * kLanes;
+    T* f = blk.f.data() + mu * kLanes;
+    const int64_t R = m.n_r;
+    // sum_k c_k T_k (and sum_k c_k T'_k) in registers, one vector of lanes at a time
     if (with_derivative) {
-      const T* dt = blk.dcheb.data() + m.eta[mu] * m.n_r * kBlock;
-      const T* dxi = blk.dxi.data() + m.eta[mu] * kBlock;
-      T* df = blk.df.data() + mu * kBlock;
-      for (int64_t i = 0; i < n; ++i) df[i] = T(0);
-      for (int64_t k = 0; k < m.n_r; ++k) {
-        for (int64_t i = 0; i < n; ++i) df[i] += c[k] * dt[k * kBlock + i];
+      const T* dt = blk.dcheb.data() + m.eta[mu] * m.n_r * kLanes;
+      const T* dxi = blk.dxi.data() + m.eta[mu] * kLanes;
+      T* df = blk.df.data() + mu * kLanes;
+      for (int64_t i = 0; i < np; i += V::size()) {
+        V s(T(0)), ds(T(0));
+        for (int64_t k = 0; k < R; ++k) {
+          const V ck(c[k]);
+          s = at::vec::fmadd(ck, V::loadu(t + k * kLanes + i), s);
+          ds = at::vec::fmadd(ck, V::loadu(dt + k * kLanes + i), ds);
+        }
+        s.store(f + i);
+        ds.store(df + i);
       }
       // f' = w (sum_k c_k T'_k xi' env + (sum_k c_k T_k) env')
-      for (int64_t i = 0; i < n; ++i) {
+      SUS2_SIMD
+      for (int64_t i = 0; i < np; ++i) {
         df[i] = blk.w[i] * (df[i] * dxi[i] * blk.env[i] + f[i] * blk.denv[i]);
       }
+    } else {
+      for (int64_t i = 0; i < np; i += V::size()) {
+        V s(T(0));
+        for (int64_t k = 0; k < R; ++k) s = at::vec::fmadd(V(c[k]), V::loadu(t + k * kLanes + i), s);
+        s.store(f + i);
+      }
     }
-    for (int64_t i = 0; i < n; ++i) f[i] *= blk.w[i] * blk.env[i];
+    SUS2_SIMD
+    for (int64_t i = 0; i < np; ++i) f[i] *= blk.w[i] * blk.env[i];
   }
-  for (int64_t i = 0; i < n; ++i) {
+  SUS2_SIMD
+  for (int64_t i = 0; i < np; ++i) {
     blk.px[i] = blk.py[i] = blk.pz[i] = T(1);
   }
   for (int64_t k = 1; k <= m.max_power; ++k) {
-    for (int64_t i = 0; i < n; ++i) {
-      blk.px[k * kBlock + i] = blk.px[(k - 1) * kBlock + i] * blk.ux[i];
-      blk.py[k * kBlock + i] = blk.py[(k - 1) * kBlock + i] * blk.uy[i];
-      blk.pz[k * kBlock + i] = blk.pz[(k - 1) * kBlock + i] * blk.uz[i];
+    SUS2_SIMD
+    for (int64_t i = 0; i < np; ++i) {
+      blk.px[k * kLanes + i] = blk.px[(k - 1) * kLanes + i] * blk.ux[i];
+      blk.py[k * kLanes + i] = blk.py[(k - 1) * kLanes + i] * blk.uy[i];
+      blk.pz[k * kLanes + i] = blk.pz[(k - 1) * kLanes + i] * blk.uz[i];
     }
   }
   for (size_t j = 0; j < m.ma.size(); ++j) {
-    const T* px = blk.px.data() + m.ma[j] * kBlock;
-    const T* py = blk.py.data() + m.mb[j] * kBlock;
-    const T* pz = blk.pz.data() + m.mc[j] * kBlock;
-    T* out = blk.mono.data() + j * kBlock;
-    for (int64_t i = 0; i < n; ++i) out[i] = px[i] * py[i] * pz[i];
+    const T* px = blk.px.data() + m.ma[j] * kLanes;
+    const T* py = blk.py.data() + m.mb[j] * kLanes;
+    const T* pz = blk.pz.data() + m.mc[j] * kLanes;
+    T* out = blk.mono.data() + j * kLanes;
+    SUS2_SIMD
+    for (int64_t i = 0; i < np; ++i) out[i] = px[i] * py[i] * pz[i];
   }
 }
 
+// Loads and evaluates the segment [e0, e0 + n) of centre a into blk.
+template <typename T, typename Geometry>
+void load_segment(const Model<T>& m, const Geometry& geo, const int64_t* neighbor, int64_t e0,
+                  int64_t n, int64_t a, bool with_derivative, Block<T>& blk) {
+  constexpr int64_t V = at::vec::Vectorized<T>::size();
+  blk.n = n;
+  blk.np = (n + V - 1) / V * V;
+  blk.center = a;
+  geo.load(e0, n, a, blk.ux.data(), blk.uy.data(), blk.uz.data());
+  evaluate_block(m, neighbor, e0, with_derivative, blk);
+}
+
+// M_b(a) += sum over the segment's edges of f_{mu_b} m_b, for the edges [begin, end)
 template <typename T, typename Geometry>
 void forward_range(const Model<T>& m, const Geometry& geo, const int64_t* center,
                    const int64_t* neighbor, int64_t begin, int64_t end, T* out) {
   Block<T> blk(m);
-  for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
-    blk.n = std::min(kBlock, end - e0);
-    const int64_t n = blk.n;
-    geo.load(e0, n, blk.ux.data(), blk.uy.data(), blk.uz.data());
-    evaluate_block(m, center, neighbor, e0, false, blk);
+  std::vector<T> lanes(m.n_basic * at::vec::Vectorized<T>::size());
+  for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
+    load_segment(m, geo, neighbor, e0, n, a, false, blk);
+    // all slots' lane sums first, then their horizontal sums (no store-to-load stalls)
+    constexpr int64_t VS = at::vec::Vectorized<T>::size();
     for (int64_t k = 0; k < m.n_basic; ++k) {
-      const T* f = blk.f.data() + m.mu[k] * kBlock;
-      const T* mono = blk.mono.data() + m.mono[k] * kBlock;
-      T* v = blk.slot.data() + k * kBlock;
-      for (int64_t i = 0; i < n; ++i) v[i] = f[i] * mono[i];
+      dot_lanes(blk.f.data() + m.mu[k] * kLanes, blk.mono.data() + m.mono[k] * kLanes, blk.np,
+                lanes.data() + k * VS);
     }
-    for (int64_t i = 0; i < n; ++i) {
-      T* row = out + center[e0 + i] * m.n_basic;
-      for (int64_t k = 0; k < m.n_basic; ++k) row[k] += blk.slot[k * kBlock + i];
+    T* row = out + a * m.n_basic;
+    for (int64_t k = 0; k < m.n_basic; ++k) {
+      T sum = T(0);
+      for (int64_t l = 0; l < VS; ++l) sum += lanes[k * VS + l];
+      row[k] += sum;
     }
-  }
+  });
 }
 
+// dL/dr_ij of the segment's edges, one vector of lanes at a time with everything in registers:
+//   g_mu = sum_{k: mu_k = mu} G_k m_k,  dL/dr = sum_mu g_mu f'_mu,
+//   S_j = sum_{k: mono_k = j} G_k f_{mu_k},  h = sum_j S_j grad_u m_j  (d(u_x^a)/du_x = a u_x^(a-1)),
+//   dL/dr_ij = (dL/dr) u + (h - (u.h) u) / r.
 template <typename T, typename Geometry>
 void backward_range(const Model<T>& m, const Geometry& geo, const int64_t* center,
                     const int64_t* neighbor, const T* G, int64_t begin, int64_t end, int tid) {
+  using V = at::vec::Vectorized<T>;
   Block<T> blk(m);
-  std::vector<T> g(m.n_mu * kBlock), h(3 * kBlock), S(m.ma.size() * kBlock), gv(3 * kBlock);
-  for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
-    blk.n = std::min(kBlock, end - e0);
-    const int64_t n = blk.n;
-    geo.load(e0, n, blk.ux.data(), blk.uy.data(), blk.uz.data());
-    evaluate_block(m, center, neighbor, e0, true, blk);
-    for (int64_t i = 0; i < n; ++i) {  // dL/dM rows of the centres, transposed
-      const T* row = G + center[e0 + i] * m.n_basic;
-      for (int64_t k = 0; k < m.n_basic; ++k) blk.slot[k * kBlock + i] = row[k];
-    }
-    std::fill(g.begin(), g.end(), T(0));
-    std::fill(S.begin(), S.end(), T(0));
-    // g_mu = sum_{k: mu_k = mu} G_k m_k;  S_j = sum_{k: mono_k = j} G_k f_{mu_k}
-    for (int64_t k = 0; k < m.n_basic; ++k) {
-      const T* Gk = blk.slot.data() + k * kBlock;
-      const T* f = blk.f.data() + m.mu[k] * kBlock;
-      const T* mono = blk.mono.data() + m.mono[k] * kBlock;
-      T* gmu = g.data() + m.mu[k] * kBlock;
-      T* Sj = S.data() + m.mono[k] * kBlock;
-      for (int64_t i = 0; i < n; ++i) {
-        gmu[i] += Gk[i] * mono[i];
-        Sj[i] += Gk[i] * f[i];
+  std::vector<T> gv(3 * kLanes);
+  for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
+    load_segment(m, geo, neighbor, e0, n, a, true, blk);
+    const T* Ga = G + a * m.n_basic;  // dL/dM of the centre
+    for (int64_t i = 0; i < blk.np; i += V::size()) {
+      V gr(T(0)), hx(T(0)), hy(T(0)), hz(T(0));
+      for (int64_t mu = 0; mu < m.n_mu; ++mu) {
+        V g(T(0));
+        for (const int64_t k : m.slots_of_mu[mu]) {
+          g = at::vec::fmadd(V(Ga[k]), V::loadu(blk.mono.data() + m.mono[k] * kLanes + i), g);
+        }
+        gr = at::vec::fmadd(g, V::loadu(blk.df.data() + mu * kLanes + i), gr);
       }
-    }
-    // h = sum_j S_j grad_u m_j, with d(u_x^a)/du_x = a u_x^(a-1)
-    T* hx = h.data();
-    T* hy = hx + kBlock;
-    T* hz = hy + kBlock;
-    for (int64_t i = 0; i < 3 * kBlock; ++i) h[i] = T(0);
-    for (size_t j = 0; j < m.ma.size(); ++j) {
-      const int64_t a = m.ma[j], b = m.mb[j], c = m.mc[j];
-      const T* Sj = S.data() + j * kBlock;
-      const T* px = blk.px.data() + a * kBlock;
-      const T* py = blk.py.data() + b * kBlock;
-      const T* pz = blk.pz.data() + c * kBlock;
-      if (a > 0) {
-        const T* pxm = px - kBlock;
-        for (int64_t i = 0; i < n; ++i) hx[i] += Sj[i] * (T(a) * pxm[i] * py[i] * pz[i]);
+      for (size_t j = 0; j < m.ma.size(); ++j) {
+        V S(T(0));
+        for (const int64_t k : m.slots_of_mono[j]) {
+          S = at::vec::fmadd(V(Ga[k]), V::loadu(blk.f.data() + m.mu[k] * kLanes + i), S);
+        }
+        const int64_t pa = m.ma[j], pb = m.mb[j], pc = m.mc[j];
+        const V px = V::loadu(blk.px.data() + pa * kLanes + i);
+        const V py = V::loadu(blk.py.data() + pb * kLanes + i);
+        const V pz = V::loadu(blk.pz.data() + pc * kLanes + i);
+        if (pa > 0) {
+          const V pxm = V::loadu(blk.px.data() + (pa - 1) * kLanes + i);
+          hx = at::vec::fmadd(S * V(T(pa)), pxm * py * pz, hx);
+        }
+        if (pb > 0) {
+          const V pym = V::loadu(blk.py.data() + (pb - 1) * kLanes + i);
+          hy = at::vec::fmadd(S * V(T(pb)), px * pym * pz, hy);
+        }
+        if (pc > 0) {
+          const V pzm = V::loadu(blk.pz.data() + (pc - 1) * kLanes + i);
+          hz = at::vec::fmadd(S * V(T(pc)), px * py * pzm, hz);
+        }
       }
-      if (b > 0) {
-        const T* pym = py - kBlock;
-        for (int64_t i = 0; i < n; ++i) hy[i] += Sj[i] * (T(b) * px[i] * pym[i] * pz[i]);
-      }
-      if (c > 0) {
-        const T* pzm = pz - kBlock;
-        for (int64_t i = 0; i < n; ++i) hz[i] += Sj[i] * (T(c) * px[i] * py[i] * pzm[i]);
-      }
+      const V ux = V::loadu(blk.ux.data() + i), uy = V::loadu(blk.uy.data() + i),
+              uz = V::loadu(blk.uz.data() + i), inv = V::loadu(blk.inv.data() + i);
+      const V hu = hx * ux + hy * uy + hz * uz;
+      (gr * ux + (hx - hu * ux) * inv).store(gv.data() + i);
+      (gr * uy + (hy - hu * uy) * inv).store(gv.data() + kLanes + i);
+      (gr * uz + (hz - hu * uz) * inv).store(gv.data() + 2 * kLanes + i);
     }
-    T* gr = blk.arg.data();  // reused: dL/dr per edge
-    for (int64_t i = 0; i < n; ++i) gr[i] = T(0);
-    for (int64_t mu = 0; mu < m.n_mu; ++mu) {
-      const T* gmu = g.data() + mu * kBlock;
-      const T* df = blk.df.data() + mu * kBlock;
-      for (int64_t i = 0; i < n; ++i) gr[i] += gmu[i] * df[i];
-    }
-    T* gx = gv.data();
-    T* gy = gx + kBlock;
-    T* gz = gy + kBlock;
-    for (int64_t i = 0; i < n; ++i) {
-      const T ux = blk.ux[i], uy = blk.uy[i], uz = blk.uz[i];
-      const T dot = hx[i] * ux + hy[i] * uy + hz[i] * uz;
-      gx[i] = gr[i] * ux + (hx[i] - dot * ux) * blk.inv[i];
-      gy[i] = gr[i] * uy + (hy[i] - dot * uy) * blk.inv[i];
-      gz[i] = gr[i] * uz + (hz[i] - dot * uz) * blk.inv[i];
-    }
-    geo.add_grad(e0, n, gx, gy, gz, tid);
-  }
+    geo.add_grad(e0, n, a, gv.data(), gv.data() + kLanes, gv.data() + 2 * kLanes, tid);
+  });
 }
 
 // The forward pass over all edges: one accumulator per thread when threaded (the edges of one
@@ -451,7 +550,7 @@ void backward_range(const Model<T>& m, const Geometry& geo, const int64_t* cente
 template <typename T, typename Geometry>
 void forward_all(const Model<T>& m, const Geometry& geo, const int64_t* center,
                  const int64_t* neighbor, int64_t E, at::Tensor& out) {
-  const int64_t grain = 32 * kBlock, N = out.size(0);
+  const int64_t grain = 32 * kLanes, N = out.size(0);
   const int threads = at::get_num_threads();
   if (threads <= 1 || E < 2 * grain) {
     forward_range(m, geo, center, neighbor, 0, E, out.template data_ptr<T>());
@@ -468,7 +567,7 @@ void forward_all(const Model<T>& m, const Geometry& geo, const int64_t* center,
 template <typename T, typename Geometry>
 void backward_all(const Model<T>& m, const Geometry& geo, const int64_t* center,
                   const int64_t* neighbor, const T* G, int64_t E) {
-  at::parallel_for(0, E, 16 * kBlock, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, E, 16 * kLanes, [&](int64_t begin, int64_t end) {
     backward_range(m, geo, center, neighbor, G, begin, end, at::get_thread_num());
   });
 }
@@ -481,6 +580,7 @@ at::Tensor basic_moments(const at::Tensor& vec, const at::Tensor& center,
                          int64_t num_nodes) {
   const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
   const auto v = check_vec(vec, in);
+  TORCH_CHECK(types.numel() == num_nodes, "sus2::basic_moments: types must be [num_nodes]");
   const int64_t E = vec.size(0);
   auto out = at::zeros({num_nodes, basic.size(0)}, vec.options());
   if (E == 0 || basic.size(0) == 0) return out;
@@ -501,7 +601,7 @@ at::Tensor basic_moments_backward(const at::Tensor& grad_in, const at::Tensor& v
   const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
   const auto v = check_vec(vec, in);
   const auto grad = grad_in.to(vec.scalar_type()).contiguous();
-  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == basic.size(0),
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == types.numel() && grad.size(1) == basic.size(0),
               "sus2::basic_moments_backward: grad must be [num_nodes, n_basic]");
   const int64_t E = vec.size(0);
   auto grad_vec = at::zeros_like(v);
@@ -555,7 +655,6 @@ Positions<T> positions_of(const Frames& f, const Inputs& in) {
                    periodic ? f.cell.data_ptr<double>() : nullptr,
                    periodic ? f.shift.data_ptr<double>() : nullptr,
                    periodic && f.batch.numel() > 0 ? f.batch.data_ptr<int64_t>() : nullptr,
-                   in.center.data_ptr<int64_t>(),
                    in.neighbor.data_ptr<int64_t>()};
   geo.n_atoms = f.pos.size(0);
   geo.n_frames = f.n_frames;
@@ -571,6 +670,8 @@ at::Tensor basic_moments_from_positions(const at::Tensor& pos, const at::Tensor&
                                         const at::Tensor& basic, double r_max, double sigma) {
   const Frames f = check_frames(pos, cell, shift, batch, center);
   const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
+  TORCH_CHECK(types.numel() == pos.size(0),
+              "sus2::basic_moments_from_positions: types must be [N] with pos [N, 3]");
   const int64_t E = center.size(0);
   auto out = at::zeros({pos.size(0), basic.size(0)}, alpha.options());
   if (E == 0 || basic.size(0) == 0) return out;
@@ -591,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> basic_moments_from_positions_backward(
   const Frames f = check_frames(pos, cell, shift, batch, center);
   const Inputs in = check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic);
   const auto grad = grad_in.to(alpha.scalar_type()).contiguous();
-  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == basic.size(0),
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == pos.size(0) && grad.size(1) == basic.size(0),
               "sus2::basic_moments_from_positions_backward: grad must be [N, n_basic]");
   const int64_t E = center.size(0), N = pos.size(0);
   const int threads = at::get_num_threads();
