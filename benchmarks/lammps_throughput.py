@@ -15,6 +15,9 @@ Model (one of):
 * ``--model CKPT_OR_PACKAGE``: a trained checkpoint or ``.nequip.zip`` package;
 * ``--lmp-model X.nequip.pt2 --ase-model Y.nequip.pt2``: already compiled files.
 
+Models are compiled with the fused CPU kernels (``--modifiers enable_fused_moments``, the
+recommended CPU deployment); ``--modifiers`` with no value compiles the PyTorch path.
+
 Compiled files are cached in ``--workdir`` (default ``bench_output/lammps``). Examples::
 
     python benchmarks/lammps_throughput.py                         # tutorial shape, 256 atoms
@@ -56,15 +59,21 @@ def machine() -> str:
     )
 
 
-def compile_models(source: Path, workdir: Path, stem: str) -> tuple[Path, Path]:
-    """``nequip-compile`` ``source`` for ``pair_sus2`` and ``ase`` (cached in ``workdir``)."""
+def compile_models(
+    source: Path, workdir: Path, stem: str, modifiers: list[str]
+) -> tuple[Path, Path]:
+    """``nequip-compile`` ``source`` for ``pair_sus2`` and ``ase`` with ``--modifiers``
+    (cached in ``workdir``)."""
     out = {}
+    tag = "".join(f"_{m}" for m in modifiers)
     for target in ("pair_sus2", "ase"):
-        path = workdir / f"{stem}_{target}.nequip.pt2"
+        path = workdir / f"{stem}{tag}_{target}.nequip.pt2"
         if not path.is_file():
-            print(f"compiling {source} for --target {target} ...", flush=True)
+            print(f"compiling {source} for --target {target} {modifiers} ...", flush=True)
             cmd = [sys.executable, "-m", "nequip.scripts.compile", str(source), str(path)]
             cmd += ["--mode", "aotinductor", "--device", "cpu", "--target", target]
+            if modifiers:
+                cmd += ["--modifiers", *modifiers]
             subprocess.run(cmd, check=True, capture_output=True)
         out[target] = path
     return out["pair_sus2"], out["ase"]
@@ -173,6 +182,12 @@ def main(argv=None) -> int:
     p.add_argument("--ase-threads", type=int, nargs="*", default=[1, 2])
     p.add_argument("--no-preload-gomp", action="store_true", help="don't preload torch's libgomp")
     p.add_argument("--workdir", default="bench_output/lammps")
+    p.add_argument(
+        "--modifiers",
+        nargs="*",
+        default=["enable_fused_moments"],
+        help="nequip-compile --modifiers (default: the fused CPU kernels; none: PyTorch path)",
+    )
     args = p.parse_args(argv)
 
     from nequip_sus2.lammps.build import build_plugin
@@ -193,17 +208,23 @@ def main(argv=None) -> int:
         package = workdir / f"{stem}.nequip.zip"
         if not package.is_file():
             import_mtp_to_package(args.mtp, args.type_names, package)
-        lmp_model, ase_model = compile_models(package, workdir, stem)
+        lmp_model, ase_model = compile_models(package, workdir, stem, args.modifiers)
         label = f"{args.mtp} (float64)"
     elif args.model:
-        lmp_model, ase_model = compile_models(Path(args.model), workdir, Path(args.model).stem)
+        lmp_model, ase_model = compile_models(
+            Path(args.model), workdir, Path(args.model).stem, args.modifiers
+        )
         label = args.model
     else:
-        lmp_model, ase_model = compile_models(tutorial_package(workdir), workdir, "tutorial")
+        lmp_model, ase_model = compile_models(
+            tutorial_package(workdir), workdir, "tutorial", args.modifiers
+        )
         label = "tutorial shape (L2 K3 R8, float32, r_max 5 A, untrained)"
 
     species = args.species or (args.type_names or TUTORIAL_SPECIES)[:3]
     plugin = build_plugin()
+    if not args.lmp_model:
+        label += f"; compiled with --modifiers {' '.join(args.modifiers) or '(none)'}"
     print(f"model: {label}\nmachine: {machine()}\n", flush=True)
     print("| path | ranks x threads | atoms | atom-steps/s | us/atom-step |")
     print("|---|---|---|---|---|")

@@ -75,11 +75,11 @@ def _small_model(seed: int, radial_channels: int, radial_basis_size: int, **kwar
 # ----------------------------------------------------------------------------------------------
 
 
-def _problem(seed: int = 0, E: int = 400, N: int = 30):
+def _problem(seed: int = 0, E: int = 400, N: int = 30, R: int = 6):
     """Random edges (some at or beyond the cutoff), 3 species, 2 scaling channels, a slot list
     with the canonical L2 K2 slots plus a non-canonical one (u_y^4 u_z, power 4)."""
     gen = torch.Generator().manual_seed(seed)
-    C, R, r_max = 3, 6, 5.0
+    C, r_max = 3, 5.0
     directions = torch.nn.functional.normalize(
         torch.randn(E, 3, generator=gen, dtype=torch.float64), dim=1
     )
@@ -163,9 +163,9 @@ def test_basic_moments_gradient_by_finite_differences(ops):
 
 def test_basic_moments_with_long_segments_and_threads(ops):
     """Edges sorted by centre with hundreds per atom (the kernels split an atom's edges into
-    several segments) and two threads (per-thread accumulators): same moments as the spec,
-    gradients by finite differences."""
-    p = _problem(seed=3, E=5000, N=6)
+    several segments), two threads (per-thread accumulators) and a radial basis size without an
+    unrolled kernel (7): same moments as the spec, gradients by finite differences."""
+    p = _problem(seed=3, E=5000, N=6, R=7)
     order = torch.argsort(p["center"], stable=True)
     p["center"], p["neighbor"], p["vec"] = p["center"][order], p["neighbor"][order], p["vec"][order]
     ref = _spec_basic_moments(p, p["vec"])

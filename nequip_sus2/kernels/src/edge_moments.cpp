@@ -33,7 +33,8 @@
 
 namespace {
 
-constexpr int64_t kMaxPower = 16;  // largest monomial power per axis
+constexpr int64_t kMaxPower = 16;     // largest monomial power per axis
+constexpr int64_t kMaxRuntimeR = 64;  // largest radial basis size
 
 // Everything the per-edge evaluation reads, as raw pointers into contiguous tensors.
 template <typename T>
@@ -46,7 +47,7 @@ struct Model {
   const int64_t* types;   // [N]
   std::vector<int64_t> mu, mono;         // per basic slot: radial function, monomial
   std::vector<int64_t> ma, mb, mc;        // per distinct monomial u_x^a u_y^b u_z^c
-  std::vector<std::vector<int64_t>> slots_of_mu, slots_of_mono;  // the inverse maps
+  std::vector<std::vector<int64_t>> slots_of_mu, slots_of_mono, mus_of_eta;  // inverse maps
   int64_t n_atoms, n_eta, n_types, n_mu, n_r, n_basic, max_power = 0;
   T r_max, sigma;
 };
@@ -117,8 +118,12 @@ Model<T> model_of(const Inputs& in, double r_max, double sigma) {
   m.n_basic = in.basic.size(0);
   m.r_max = static_cast<T>(r_max);
   m.sigma = static_cast<T>(sigma);
+  TORCH_CHECK(m.n_r >= 1 && m.n_r <= kMaxRuntimeR, "sus2::basic_moments: 1 to ",
+              kMaxRuntimeR, " radial basis functions");
+  m.mus_of_eta.resize(m.n_eta);
   for (int64_t k = 0; k < m.n_mu; ++k) {
     TORCH_CHECK(m.eta[k] >= 0 && m.eta[k] < m.n_eta, "sus2::basic_moments: eta out of range");
+    m.mus_of_eta[m.eta[k]].push_back(k);
   }
   const int64_t* p = in.basic.data_ptr<int64_t>();
   for (int64_t s = 0; s < m.n_basic; ++s) {
@@ -166,8 +171,8 @@ constexpr int64_t kLanes = 64;
 template <typename T>
 struct Block {
   int64_t n = 0, np = 0, center = 0;  // edges, padded lanes, centre atom of this segment
-  std::vector<T> r, inv, ux, uy, uz, w, env, denv, arg;
-  std::vector<T> cheb, dcheb, dxi;  // [N_eta][R][lanes], [N_eta][R][lanes], [N_eta][lanes]
+  std::vector<T> r, inv, ux, uy, uz, w, env, denv;
+  std::vector<T> xi;                // [N_eta][lanes]: tanh(r*/2)
   std::vector<T> f, df;             // [N_mu][lanes]
   std::vector<T> px, py, pz;        // [P+1][lanes]
   std::vector<T> mono;              // [n_mono][lanes]
@@ -175,8 +180,7 @@ struct Block {
   std::vector<at::vec::int_same_size_t<T>> pair;  // Z_i C + Z_j, as vector-gather indices
   explicit Block(const Model<T>& m)
       : r(kLanes), inv(kLanes), ux(kLanes), uy(kLanes), uz(kLanes), w(kLanes), env(kLanes),
-        denv(kLanes), arg(kLanes), cheb(m.n_eta * m.n_r * kLanes),
-        dcheb(m.n_eta * m.n_r * kLanes), dxi(m.n_eta * kLanes), f(m.n_mu * kLanes),
+        denv(kLanes), xi(m.n_eta * kLanes), f(m.n_mu * kLanes),
         df(m.n_mu * kLanes), px((m.max_power + 1) * kLanes), py((m.max_power + 1) * kLanes),
         pz((m.max_power + 1) * kLanes), mono(m.ma.size() * kLanes),
         half_alpha(m.n_eta * kLanes), pair(kLanes) {}
@@ -314,6 +318,59 @@ struct Positions {
   }
 };
 
+// Radial functions of the block from xi (per eta): f_mu = w env sum_k c_{mu k} T_k(xi) and
+// f'_mu = w (env xi' sum_k c_{mu k} T'_k(xi) + env' sum_k c_{mu k} T_k(xi)), one vector of lanes
+// at a time with the Chebyshev values in registers:
+//   T_0 = 1, T_1 = xi, T_{k+1} = 2 xi T_k - T_{k-1};  T'_{k+1} = 2 T_k + 2 xi T'_k - T'_{k-1}.
+// kR is the basis size when known at compile time (loops unrolled), else 0 (up to kMaxRuntimeR).
+
+template <typename T, int kR>
+void radial_functions_r(const Model<T>& m, bool with_derivative, Block<T>& blk) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t R = kR > 0 ? kR : m.n_r;
+  constexpr int64_t kSize = kR > 0 ? kR : kMaxRuntimeR;
+  for (int64_t i = 0; i < blk.np; i += V::size()) {
+    const V w = V::loadu(blk.w.data() + i), env = V::loadu(blk.env.data() + i);
+    const V denv = V::loadu(blk.denv.data() + i), two(T(2));
+    for (int64_t eta = 0; eta < m.n_eta; ++eta) {
+      const V xi = V::loadu(blk.xi.data() + eta * kLanes + i);
+      V t[kSize], dt[kSize];
+      t[0] = V(T(1));
+      if (R > 1) t[1] = xi;
+      for (int64_t k = 2; k < R; ++k) t[k] = two * xi * t[k - 1] - t[k - 2];
+      if (with_derivative) {
+        dt[0] = V(T(0));
+        if (R > 1) dt[1] = V(T(1));
+        for (int64_t k = 2; k < R; ++k) dt[k] = two * t[k - 1] + two * xi * dt[k - 1] - dt[k - 2];
+      }
+      const V dxi = V::loadu(blk.half_alpha.data() + eta * kLanes + i) * (V(T(1)) - xi * xi);
+      for (const int64_t mu : m.mus_of_eta[eta]) {
+        const T* c = m.coeffs + mu * R;
+        V s(T(0));
+        for (int64_t k = 0; k < R; ++k) s = at::vec::fmadd(V(c[k]), t[k], s);
+        (w * env * s).store(blk.f.data() + mu * kLanes + i);
+        if (with_derivative) {
+          V ds(T(0));
+          for (int64_t k = 1; k < R; ++k) ds = at::vec::fmadd(V(c[k]), dt[k], ds);
+          (w * (ds * dxi * env + s * denv)).store(blk.df.data() + mu * kLanes + i);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void radial_functions(const Model<T>& m, bool with_derivative, Block<T>& blk) {
+  switch (m.n_r) {  // the common basis sizes unrolled, others at run time
+    case 4: return radial_functions_r<T, 4>(m, with_derivative, blk);
+    case 5: return radial_functions_r<T, 5>(m, with_derivative, blk);
+    case 6: return radial_functions_r<T, 6>(m, with_derivative, blk);
+    case 8: return radial_functions_r<T, 8>(m, with_derivative, blk);
+    case 10: return radial_functions_r<T, 10>(m, with_derivative, blk);
+    default: return radial_functions_r<T, 0>(m, with_derivative, blk);
+  }
+}
+
 // Radial functions f (and f' if with_derivative) and monomials of the segment's edges, whose
 // vectors are in blk.ux, blk.uy, blk.uz (lanes [n, np) are set here to padding edges beyond the
 // cutoff, which contribute exactly zero).
@@ -354,85 +411,16 @@ void evaluate_block(const Model<T>& m, const int64_t* neighbor, int64_t e0, bool
     const T* alpha = m.alpha + eta * CC;
     const T* r0 = m.r0 + eta * CC;
     T* ha = blk.half_alpha.data() + eta * kLanes;
+    T* xi = blk.xi.data() + eta * kLanes;
     for (int64_t i = 0; i < np; i += V::size()) {  // pair-table lookups by vector gathers
       const I pair = I::loadu(blk.pair.data() + i);
       const V a = V(T(0.5)) * at::vec::gather<sizeof(T)>(alpha, pair);
       a.store(ha + i);
-      (a * (V::loadu(blk.r.data() + i) - at::vec::gather<sizeof(T)>(r0, pair))).store(blk.arg.data() + i);
+      (a * (V::loadu(blk.r.data() + i) - at::vec::gather<sizeof(T)>(r0, pair))).store(xi + i);
     }
-    tanh_inplace(blk.arg.data(), np);
-    // T_0 = 1, T_1 = xi, T_{k+1} = 2 xi T_k - T_{k-1};  T'_{k+1} = 2 T_k + 2 xi T'_k - T'_{k-1}
-    T* t = blk.cheb.data() + eta * m.n_r * kLanes;
-    T* dt = blk.dcheb.data() + eta * m.n_r * kLanes;
-    const T* xi = blk.arg.data();
-    SUS2_SIMD
-    for (int64_t i = 0; i < np; ++i) t[i] = T(1);
-    if (m.n_r > 1) {
-      SUS2_SIMD
-      for (int64_t i = 0; i < np; ++i) t[kLanes + i] = xi[i];
-    }
-    for (int64_t k = 2; k < m.n_r; ++k) {
-      T* tk = t + k * kLanes;
-      SUS2_SIMD
-      for (int64_t i = 0; i < np; ++i) tk[i] = T(2) * xi[i] * tk[i - kLanes] - tk[i - 2 * kLanes];
-    }
-    if (with_derivative) {
-      SUS2_SIMD
-      for (int64_t i = 0; i < np; ++i) dt[i] = T(0);
-      if (m.n_r > 1) {
-        SUS2_SIMD
-        for (int64_t i = 0; i < np; ++i) dt[kLanes + i] = T(1);
-      }
-      for (int64_t k = 2; k < m.n_r; ++k) {
-        const T* tk1 = t + (k - 1) * kLanes;
-        T* dtk = dt + k * kLanes;
-        SUS2_SIMD
-        for (int64_t i = 0; i < np; ++i) {
-          dtk[i] = T(2) * tk1[i] + T(2) * xi[i] * dtk[i - kLanes] - dtk[i - 2 * kLanes];
-        }
-      }
-      T* dxi = blk.dxi.data() + eta * kLanes;
-      SUS2_SIMD
-      for (int64_t i = 0; i < np; ++i) {
-        dxi[i] = ha[i] * (T(1) - xi[i] * xi[i]);
-      }
-    }
+    tanh_inplace(xi, np);
   }
-  for (int64_t mu = 0; mu < m.n_mu; ++mu) {
-    const T* c = m.coeffs + mu * m.n_r;
-    const T* t = blk.cheb.data() + m.eta[mu] * m.n_r * kLanes;
-    T* f = blk.f.data() + mu * kLanes;
-    const int64_t R = m.n_r;
-    // sum_k c_k T_k (and sum_k c_k T'_k) in registers, one vector of lanes at a time
-    if (with_derivative) {
-      const T* dt = blk.dcheb.data() + m.eta[mu] * m.n_r * kLanes;
-      const T* dxi = blk.dxi.data() + m.eta[mu] * kLanes;
-      T* df = blk.df.data() + mu * kLanes;
-      for (int64_t i = 0; i < np; i += V::size()) {
-        V s(T(0)), ds(T(0));
-        for (int64_t k = 0; k < R; ++k) {
-          const V ck(c[k]);
-          s = at::vec::fmadd(ck, V::loadu(t + k * kLanes + i), s);
-          ds = at::vec::fmadd(ck, V::loadu(dt + k * kLanes + i), ds);
-        }
-        s.store(f + i);
-        ds.store(df + i);
-      }
-      // f' = w (sum_k c_k T'_k xi' env + (sum_k c_k T_k) env')
-      SUS2_SIMD
-      for (int64_t i = 0; i < np; ++i) {
-        df[i] = blk.w[i] * (df[i] * dxi[i] * blk.env[i] + f[i] * blk.denv[i]);
-      }
-    } else {
-      for (int64_t i = 0; i < np; i += V::size()) {
-        V s(T(0));
-        for (int64_t k = 0; k < R; ++k) s = at::vec::fmadd(V(c[k]), V::loadu(t + k * kLanes + i), s);
-        s.store(f + i);
-      }
-    }
-    SUS2_SIMD
-    for (int64_t i = 0; i < np; ++i) f[i] *= blk.w[i] * blk.env[i];
-  }
+  radial_functions(m, with_derivative, blk);
   SUS2_SIMD
   for (int64_t i = 0; i < np; ++i) {
     blk.px[i] = blk.py[i] = blk.pz[i] = T(1);
