@@ -149,8 +149,7 @@ def time_interleaved(models, atoms, min_time: float, max_rounds: int) -> dict[st
     """Median seconds per call of each model, timed round-robin on the same structure."""
     datas = {name: bm.atoms_to_data(atoms) for name, bm in models.items()}
     for name, bm in models.items():  # warm-up (AOTI and autograd first-call costs)
-        for _ in range(2):
-            bm._call(dict(datas[name]))
+        bm._call(dict(datas[name]))
     times: dict[str, list[float]] = {name: [] for name in models}
     start = time.perf_counter()
     rounds = 0

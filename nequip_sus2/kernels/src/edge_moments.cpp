@@ -159,9 +159,10 @@ Model<T> model_of(const Inputs& in, double r_max, double sigma) {
 // centre (at most kLanes; NequIP's and LAMMPS's neighbour lists group the edges of an atom, any
 // order is still correct, only slower). Structure-of-arrays over the segment's lanes, padded to
 // a multiple of the vector width with edges beyond the cutoff, so every loop over the lanes is
-// a plain loop the compiler vectorises (tanh from ATen's vectorised Sleef implementation). The
-// centre's position, type and dL/dM row are loaded once per segment, its moments are reduced in
-// registers, and only the neighbours' gathers and gradient scatters stay scalar.
+// a vector loop (compiler-vectorised, or written with ATen's Vectorized<T> where the compiler
+// fell back to scalar code). The centre's position, type and dL/dM row are loaded once per
+// segment, its moments are reduced in registers, and only the neighbours' gathers and gradient
+// scatters stay scalar.
 constexpr int64_t kLanes = 64;
 
 // The lane loops have no dependencies between lanes, but the compiler cannot prove that the
@@ -172,11 +173,11 @@ template <typename T>
 struct Block {
   int64_t n = 0, np = 0, center = 0;  // edges, padded lanes, centre atom of this segment
   std::vector<T> r, inv, ux, uy, uz, w, env, denv;
-  std::vector<T> xi;                // [N_eta][lanes]: tanh(r*/2)
-  std::vector<T> f, df;             // [N_mu][lanes]
-  std::vector<T> px, py, pz;        // [P+1][lanes]
-  std::vector<T> mono;              // [n_mono][lanes]
-  std::vector<T> half_alpha;         // [N_eta][lanes]: alpha/2 of each edge's pair
+  std::vector<T> xi;          // [N_eta][lanes]: tanh(r*/2)
+  std::vector<T> f, df;       // [N_mu][lanes]
+  std::vector<T> px, py, pz;  // [P+1][lanes]
+  std::vector<T> mono;        // [n_mono][lanes]
+  std::vector<T> half_alpha;  // [N_eta][lanes]: alpha/2 of each edge's pair
   std::vector<at::vec::int_same_size_t<T>> pair;  // Z_i C + Z_j, as vector-gather indices
   explicit Block(const Model<T>& m)
       : r(kLanes), inv(kLanes), ux(kLanes), uy(kLanes), uz(kLanes), w(kLanes), env(kLanes),
