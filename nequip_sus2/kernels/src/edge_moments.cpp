@@ -479,57 +479,75 @@ void forward_range(const Model<T>& m, const Geometry& geo, const int64_t* center
   });
 }
 
-// dL/dr_ij of the segment's edges, one vector of lanes at a time with everything in registers:
+// dL/dr_ij of the lanes [i, i + NV vector widths) of a segment, in registers:
 //   g_mu = sum_{k: mu_k = mu} G_k m_k,  dL/dr = sum_mu g_mu f'_mu,
 //   S_j = sum_{k: mono_k = j} G_k f_{mu_k},  h = sum_j S_j grad_u m_j  (d(u_x^a)/du_x = a u_x^(a-1)),
 //   dL/dr_ij = (dL/dr) u + (h - (u.h) u) / r.
+// NV vectors at a time give NV independent chains of multiply-adds (the sums over slots are
+// otherwise bound by the multiply-add latency).
+template <int NV, typename T>
+inline void edge_gradients(const Model<T>& m, const Block<T>& blk, const T* Ga, int64_t i,
+                           T* gv) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V gr[NV], hx[NV], hy[NV], hz[NV];
+  for (int v = 0; v < NV; ++v) gr[v] = hx[v] = hy[v] = hz[v] = V(T(0));
+  for (int64_t mu = 0; mu < m.n_mu; ++mu) {
+    V g[NV];
+    for (int v = 0; v < NV; ++v) g[v] = V(T(0));
+    for (const int64_t k : m.slots_of_mu[mu]) {
+      const V G(Ga[k]);
+      const T* mono = blk.mono.data() + m.mono[k] * kLanes + i;
+      for (int v = 0; v < NV; ++v) g[v] = at::vec::fmadd(G, V::loadu(mono + v * W), g[v]);
+    }
+    const T* df = blk.df.data() + mu * kLanes + i;
+    for (int v = 0; v < NV; ++v) gr[v] = at::vec::fmadd(g[v], V::loadu(df + v * W), gr[v]);
+  }
+  for (size_t j = 0; j < m.ma.size(); ++j) {
+    V S[NV];
+    for (int v = 0; v < NV; ++v) S[v] = V(T(0));
+    for (const int64_t k : m.slots_of_mono[j]) {
+      const V G(Ga[k]);
+      const T* f = blk.f.data() + m.mu[k] * kLanes + i;
+      for (int v = 0; v < NV; ++v) S[v] = at::vec::fmadd(G, V::loadu(f + v * W), S[v]);
+    }
+    const int64_t pa = m.ma[j], pb = m.mb[j], pc = m.mc[j];
+    const T* px = blk.px.data() + pa * kLanes + i;
+    const T* py = blk.py.data() + pb * kLanes + i;
+    const T* pz = blk.pz.data() + pc * kLanes + i;
+    for (int v = 0; v < NV; ++v) {
+      const V x = V::loadu(px + v * W), y = V::loadu(py + v * W), z = V::loadu(pz + v * W);
+      if (pa > 0) hx[v] = at::vec::fmadd(S[v] * V(T(pa)), V::loadu(px - kLanes + v * W) * y * z, hx[v]);
+      if (pb > 0) hy[v] = at::vec::fmadd(S[v] * V(T(pb)), x * V::loadu(py - kLanes + v * W) * z, hy[v]);
+      if (pc > 0) hz[v] = at::vec::fmadd(S[v] * V(T(pc)), x * y * V::loadu(pz - kLanes + v * W), hz[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t l = i + v * W;
+    const V ux = V::loadu(blk.ux.data() + l), uy = V::loadu(blk.uy.data() + l),
+            uz = V::loadu(blk.uz.data() + l), inv = V::loadu(blk.inv.data() + l);
+    const V hu = hx[v] * ux + hy[v] * uy + hz[v] * uz;
+    (gr[v] * ux + (hx[v] - hu * ux) * inv).store(gv + l);
+    (gr[v] * uy + (hy[v] - hu * uy) * inv).store(gv + kLanes + l);
+    (gr[v] * uz + (hz[v] - hu * uz) * inv).store(gv + 2 * kLanes + l);
+  }
+}
+
+// dL/dr_ij of each segment's edges (edge_gradients, up to three vectors of lanes at a time),
+// added to the geometry's gradients.
 template <typename T, typename Geometry>
 void backward_range(const Model<T>& m, const Geometry& geo, const int64_t* center,
                     const int64_t* neighbor, const T* G, int64_t begin, int64_t end, int tid) {
-  using V = at::vec::Vectorized<T>;
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
   Block<T> blk(m);
   std::vector<T> gv(3 * kLanes);
   for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
     load_segment(m, geo, neighbor, e0, n, a, true, blk);
     const T* Ga = G + a * m.n_basic;  // dL/dM of the centre
-    for (int64_t i = 0; i < blk.np; i += V::size()) {
-      V gr(T(0)), hx(T(0)), hy(T(0)), hz(T(0));
-      for (int64_t mu = 0; mu < m.n_mu; ++mu) {
-        V g(T(0));
-        for (const int64_t k : m.slots_of_mu[mu]) {
-          g = at::vec::fmadd(V(Ga[k]), V::loadu(blk.mono.data() + m.mono[k] * kLanes + i), g);
-        }
-        gr = at::vec::fmadd(g, V::loadu(blk.df.data() + mu * kLanes + i), gr);
-      }
-      for (size_t j = 0; j < m.ma.size(); ++j) {
-        V S(T(0));
-        for (const int64_t k : m.slots_of_mono[j]) {
-          S = at::vec::fmadd(V(Ga[k]), V::loadu(blk.f.data() + m.mu[k] * kLanes + i), S);
-        }
-        const int64_t pa = m.ma[j], pb = m.mb[j], pc = m.mc[j];
-        const V px = V::loadu(blk.px.data() + pa * kLanes + i);
-        const V py = V::loadu(blk.py.data() + pb * kLanes + i);
-        const V pz = V::loadu(blk.pz.data() + pc * kLanes + i);
-        if (pa > 0) {
-          const V pxm = V::loadu(blk.px.data() + (pa - 1) * kLanes + i);
-          hx = at::vec::fmadd(S * V(T(pa)), pxm * py * pz, hx);
-        }
-        if (pb > 0) {
-          const V pym = V::loadu(blk.py.data() + (pb - 1) * kLanes + i);
-          hy = at::vec::fmadd(S * V(T(pb)), px * pym * pz, hy);
-        }
-        if (pc > 0) {
-          const V pzm = V::loadu(blk.pz.data() + (pc - 1) * kLanes + i);
-          hz = at::vec::fmadd(S * V(T(pc)), px * py * pzm, hz);
-        }
-      }
-      const V ux = V::loadu(blk.ux.data() + i), uy = V::loadu(blk.uy.data() + i),
-              uz = V::loadu(blk.uz.data() + i), inv = V::loadu(blk.inv.data() + i);
-      const V hu = hx * ux + hy * uy + hz * uz;
-      (gr * ux + (hx - hu * ux) * inv).store(gv.data() + i);
-      (gr * uy + (hy - hu * uy) * inv).store(gv.data() + kLanes + i);
-      (gr * uz + (hz - hu * uz) * inv).store(gv.data() + 2 * kLanes + i);
-    }
+    int64_t i = 0;
+    for (; i + 3 * W <= blk.np; i += 3 * W) edge_gradients<3>(m, blk, Ga, i, gv.data());
+    if (blk.np - i == 2 * W) edge_gradients<2>(m, blk, Ga, i, gv.data());
+    if (blk.np - i == W) edge_gradients<1>(m, blk, Ga, i, gv.data());
     geo.add_grad(e0, n, a, gv.data(), gv.data() + kLanes, gv.data() + 2 * kLanes, tid);
   });
 }
