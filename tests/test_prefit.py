@@ -161,7 +161,11 @@ def test_prefit_equals_direct_least_squares(structured):
 
     result = linear_prefit(model, _batches(data, 2), ridge=ridge, structured=structured)
     x = result.x.numpy()
-    np.testing.assert_allclose(x, x_ref, rtol=1e-6, atol=1e-8 * np.abs(x_ref).max())
+    # prefit solves the normal equations (condition number squared, ~2e13 here): compare the
+    # solution normwise and the objective it minimises, not element by element
+    assert np.linalg.norm(x - x_ref) <= 1e-6 * np.linalg.norm(x_ref)
+    objective = lambda v: float(np.sum((A_aug @ v - y_aug) ** 2))  # noqa: E731
+    assert objective(x) == pytest.approx(objective(x_ref), rel=1e-10)
     # losses are the weighted sums of squared residuals, before and after
     assert result.loss_before == pytest.approx(float(np.sum((A @ x_before - y) ** 2)), rel=1e-8)
     assert result.loss_after == pytest.approx(float(np.sum((A @ x - y) ** 2)), rel=1e-6)
