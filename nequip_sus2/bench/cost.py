@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from .models import BenchModel, load_bench_model
 from .physics import supercell_for
 
-__all__ = ["DEFAULT_SIZES", "MEMORY_NOTE", "aoti_compile", "measure_cost"]
+__all__ = ["DEFAULT_SIZES", "MEMORY_NOTE", "aoti_compile", "aoti_compile_all", "measure_cost"]
 
 #: default system sizes (atoms); small enough for a 2-core CPU
 DEFAULT_SIZES = (64, 256, 1024)
@@ -171,38 +172,81 @@ def aoti_compile(
     first written as a package (:func:`nequip_sus2.interop.write_package`). ``modifiers`` are
     passed to ``nequip-compile --modifiers`` (e.g. ``enable_fused_moments``).
     """
-    if model.compiled:
-        return model
+    return aoti_compile_all([(model, modifiers)], out_dir, timeout=timeout, workers=1)[0]
+
+
+def aoti_compile_all(
+    jobs: Sequence[tuple[BenchModel, Sequence[str]]],
+    out_dir: str | os.PathLike,
+    timeout: float = 1200.0,
+    workers: int = 1,
+) -> list[BenchModel]:
+    """:func:`aoti_compile` for several ``(model, modifiers)`` pairs, ``workers`` at a time.
+
+    Packages are written one after the other in this process; the ``nequip-compile``
+    processes (mostly one busy core each) run concurrently; the compiled models are loaded in
+    order. ``compile_seconds`` of each is the wall time of its own ``nequip-compile``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        commands = [
+            None if model.compiled else _compile_command(model, modifiers, out_dir, Path(tmp))
+            for model, modifiers in jobs
+        ]
+        todo = [c for c in commands if c is not None]
+        targets = [c[4] for c in todo]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"aoti_compile_all: two models compile to the same file: {targets}")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            done = iter(list(pool.map(lambda c: _run_compile(c, timeout), todo)))
+    compiled = []
+    for (model, _), cmd in zip(jobs, commands, strict=True):
+        if cmd is None:
+            compiled.append(model)
+            continue
+        target, seconds = next(done)
+        result = load_bench_model(str(target), device=model.device, name=model.name)
+        result.compile_seconds = seconds
+        result.kind = model.kind
+        compiled.append(result)
+    return compiled
+
+
+def _compile_command(
+    model: BenchModel, modifiers: Sequence[str], out_dir: Path, tmp: Path
+) -> list[str]:
+    """The ``nequip-compile`` command line for ``model`` (written as a package if needed)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
     target = out_dir / f"{safe}.nequip.pt2"
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        source = model.source
-        if model.fmt not in ("checkpoint", "package"):
-            from ..interop import write_package
+    source = model.source
+    if model.fmt not in ("checkpoint", "package"):
+        from ..interop import write_package
 
-            source = str(Path(tmp) / f"{safe}.nequip.zip")
-            eager = model.model
-            write_package(eager.to("cpu"), source, compile_variants=False)
-            eager.to(model.device)
-        cmd = [
-            sys.executable, "-m", "nequip.scripts.compile", source, str(target),
-            "--mode", "aotinductor", "--device", model.device.type, "--target", "ase",
-        ]  # fmt: skip
-        if modifiers:
-            cmd += ["--modifiers", *modifiers]
-        start = time.perf_counter()
-        # the compile traces the model: keep to this process's thread budget (--threads)
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        seconds = time.perf_counter() - start
+        source = str(tmp / f"{safe}.nequip.zip")
+        eager = model.model
+        write_package(eager.to("cpu"), source, compile_variants=False)
+        eager.to(model.device)
+    cmd = [
+        sys.executable, "-m", "nequip.scripts.compile", source, str(target),
+        "--mode", "aotinductor", "--device", model.device.type, "--target", "ase",
+    ]  # fmt: skip
+    if modifiers:
+        cmd += ["--modifiers", *modifiers]
+    return cmd
+
+
+def _run_compile(cmd: list[str], timeout: float) -> tuple[Path, float]:
+    """Runs one ``nequip-compile`` command; returns the compiled file and the wall time."""
+    target = Path(cmd[4])
+    start = time.perf_counter()
+    # the compile traces the model: keep to this process's thread budget (--threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    seconds = time.perf_counter() - start
     if proc.returncode != 0 or not target.exists():
         raise RuntimeError(
-            f"nequip-compile failed for {model.name} ({proc.returncode}):\n"
+            f"nequip-compile failed for {target.name} ({proc.returncode}):\n"
             + (proc.stdout[-2000:] + proc.stderr[-2000:])
         )
-    compiled = load_bench_model(str(target), device=model.device, name=f"{model.name}")
-    compiled.compile_seconds = seconds
-    compiled.kind = model.kind
-    return compiled
+    return target, seconds
