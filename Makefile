@@ -39,7 +39,7 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q --durations=25
 
-# inference/training throughput of SUS2 vs NequIP and Allegro (docs/performance.md); ~15 min
+# inference/training throughput of SUS2 vs NequIP and Allegro (docs/performance.md); 6-15 min
 bench: venv
 	$(BIN)/python benchmarks/inference_throughput.py --out bench_output/performance
 

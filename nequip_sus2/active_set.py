@@ -256,6 +256,11 @@ def compute_scalar_basis(model, data: Sequence[dict], batch_size: int = 8):
 
     gm = _graph_model(model)
     net = _moments_networks(gm)[0]
+    if getattr(net._modules["moments"], "fold_readout", False):
+        raise ValueError(
+            "the model runs with enable_fused_moments, which applies the readout inside the "
+            "kernel and never forms the scalar basis: use the model without that modifier"
+        )
     device = next(iter(gm.parameters())).device
     rows, types, frames, atoms = [], [], [], []
     with torch.no_grad():

@@ -29,7 +29,7 @@ from nequip.data import AtomicDataDict
 
 from nequip_sus2.io.cfg import read_cfg
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
-from nequip_sus2.nn import MomentContraction
+from nequip_sus2.nn import LinearReadout, MomentContraction
 
 EMT = ["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
 
@@ -50,9 +50,11 @@ def ops():
     return ops
 
 
-def _fused_twin(model):
+def _fused_twin(model, folded: bool = True):
     twin = copy.deepcopy(model)
     MomentContraction.enable_fused_moments(twin)
+    (moments,) = [m for m in twin.modules() if isinstance(m, MomentContraction)]
+    assert moments.fold_readout == folded  # the readout goes into the fused contraction
     return twin.eval()
 
 
@@ -250,6 +252,48 @@ def test_contract_moments_match_the_program(ops):
     assert torch.autograd.gradcheck(lambda b: ops.contract_moments(b, *args), (leaf,))
 
 
+@pytest.mark.parametrize(("L", "K", "full_rank"), [(2, 3, False), (3, 2, True), (1, 2, False)])
+def test_contract_readout_matches_the_program(ops, L, K, full_rank):
+    """``x = theta . B`` with the degree-4 products D_l(a,b) D_l'(a',b') (l, l' >= 1) as a
+    quadratic form, against the program run entry by entry; ``dx/dM`` by autograd of that
+    loop and by gradcheck."""
+    from nequip_sus2.program import basis_counts, generate_program
+
+    program = generate_program(L, K, full_rank=full_rank)
+    module = MomentContraction(program, irreps_in={"edge_embedding": None})
+    readout = LinearReadout(len(program.mapping), irreps_in=module.irreps_out).double()
+    module._fold_readout(torch.nn.Sequential(module, readout))
+    n2 = K * (K + 1) // 2
+    assert module.fold_readout and readout.fused
+    assert module.readout_quad.numel() == L * n2 * (L * n2 + 1) // 2  # N(N+1)/2 of spec 6
+    assert module.readout_quad_slots.numel() == L * n2  # the rank >= 1 Gram entries D_l(a,b)
+    assert module.readout_quad.numel() + module.readout_linear.numel() == sum(
+        basis_counts(L, K, full_rank).values()
+    )
+    gen = torch.Generator().manual_seed(L * 10 + K)
+    basic = torch.randn(21, len(program.basic), generator=gen, dtype=torch.float64)
+    theta = readout.theta.detach().view(-1)
+
+    def by_loop(b):
+        moments = [b[:, k] for k in range(len(program.basic))]
+        moments += [torch.zeros_like(b[:, 0])] * (program.moments_count - len(program.basic))
+        for p, q, m, o in program.times:
+            moments[o] = moments[o] + m * moments[p] * moments[q]
+        return sum(t * moments[s] for t, s in zip(theta, program.mapping, strict=True))
+
+    leaf = basic.clone().requires_grad_(True)
+    ours = module._fused_readout(leaf)
+    expected = by_loop(leaf)
+    torch.testing.assert_close(ours.view(-1), expected, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours.sum(), leaf)
+    (g_loop,) = torch.autograd.grad(expected.sum(), leaf)
+    torch.testing.assert_close(g_ours, g_loop, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(module._fused_readout, (leaf,))
+    (g,) = torch.autograd.grad(module._fused_readout(leaf).square().sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        g.sum().backward()
+
+
 def test_operators_reject_bad_input_clearly(ops):
     p = _problem()
     with pytest.raises(RuntimeError, match=r"sus2::basic_moments: vec must be \[E, 3\]"):
@@ -331,6 +375,36 @@ def test_fused_model_on_a_batch_and_with_a_pair_potential(ops):
         frames = [random_fcc_structure(rng, len(EMT), 5.0) for _ in range(2)]
         batch = D.batched_from_list(frames)
         assert_same(evaluate_model(fused, batch), evaluate_model(model, batch))
+
+
+def test_fused_model_with_an_extrapolation_grade(ops):
+    """A model with an extrapolation grade needs the basis: the fused path keeps the readout
+    out of the kernel (either order of the two modifiers) and gives the same grade."""
+    from nequip_sus2._keys import EXTRAPOLATION_GRADE_KEY
+    from nequip_sus2.active_set import compute_scalar_basis
+    from nequip_sus2.nn.extrapolation import insert_extrapolation_grade
+
+    model = _small_model(13, 2, 5)
+    n_basis = next(m for m in model.modules() if isinstance(m, MomentContraction)).num_basis
+    gen = torch.Generator().manual_seed(13)
+    state = {
+        "inverse": torch.randn(len(EMT), n_basis, n_basis, generator=gen, dtype=torch.float64),
+        "residual": torch.zeros(0),
+        "residual_scale": torch.ones(len(EMT), dtype=torch.float64),
+    }
+    graded = insert_extrapolation_grade(copy.deepcopy(model), state)
+    before = _fused_twin(graded, folded=False)  # grade first, then the fused kernels
+    after = copy.deepcopy(model)
+    MomentContraction.enable_fused_moments(after)
+    insert_extrapolation_grade(after, state).eval()  # fused kernels first: unfolded again
+    data = random_fcc_structure(np.random.default_rng(13), len(EMT), 5.0)
+    reference = graded.eval()(dict(data))[EXTRAPOLATION_GRADE_KEY].detach()
+    for fused in (before, after):
+        assert not next(m for m in fused.modules() if isinstance(m, LinearReadout)).fused
+        assert_same(evaluate_model(fused, data), evaluate_model(graded, data))
+        torch.testing.assert_close(fused(dict(data))[EXTRAPOLATION_GRADE_KEY], reference)
+    with pytest.raises(ValueError, match="never forms the scalar basis"):
+        compute_scalar_basis(_fused_twin(model), [data])
 
 
 def test_fused_float32_model_is_close(ops):

@@ -12,7 +12,10 @@ shift [E, 3], batch [N], center, ...)`` is the same from positions, cell and edg
 (float64; empty ``cell``/``shift`` without a cell, empty ``batch`` for one frame): its backward
 returns the position and cell gradients directly. ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping,
 num_slots)`` runs the contraction program on them and returns the scalar basis ``[N, N_B]``
-(spec 2.6, ``src/contraction.cpp``). Their backward operators (``*_backward``) differentiate the
+(spec 2.6, ``src/contraction.cpp``). ``sus2::contract_readout(basic, p, q, m, o, slots, theta,
+quad_slots, quad, num_slots)`` runs a program and the linear readout together (the degree-4
+products as a quadratic form, spec 6) and returns ``x = theta . B`` ``[N, 1]`` with
+``dx/dbasic`` ``[N, n_basic]`` (its backward is one multiply). Their backward operators (``*_backward``) differentiate the
 edge vectors and the basic moments only and are not differentiable again: the kernels serve
 inference (energies, forces, stresses), not training.
 """
@@ -23,7 +26,7 @@ import torch
 
 from . import build
 
-__all__ = ["basic_moments", "basic_moments_from_positions", "contract_moments"]
+__all__ = ["basic_moments", "basic_moments_from_positions", "contract_moments", "contract_readout"]
 
 
 def _load() -> None:
@@ -101,12 +104,31 @@ def _load() -> None:
         )
         return (grad_basic,) + (None,) * 6
 
+    @torch.library.register_fake("sus2::contract_readout")
+    def _(basic, p, q, m, o, slots, theta, quad_slots, quad, num_slots):
+        return basic.new_empty((basic.shape[0], 1)), basic.new_empty(basic.shape)
+
+    def setup_readout(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward_readout(ctx, grad_x, grad_dx_dbasic):
+        if grad_dx_dbasic is not None:  # only reached when differentiating forces again
+            no_second_derivative(ctx)
+        if grad_x is None:
+            return (None,) * 10
+        (dx_dbasic,) = ctx.saved_tensors
+        return (grad_x * dx_dbasic,) + (None,) * 9
+
     torch.library.register_autograd("sus2::basic_moments", backward, setup_context=setup_context)
     torch.library.register_autograd(
         "sus2::basic_moments_from_positions", backward_positions, setup_context=setup_positions
     )
     torch.library.register_autograd(
         "sus2::contract_moments", backward_contract, setup_context=setup_contract
+    )
+    torch.library.register_autograd(
+        "sus2::contract_readout", backward_readout, setup_context=setup_readout
     )
     for name in (
         "basic_moments_backward",
@@ -122,3 +144,4 @@ _load()
 basic_moments = torch.ops.sus2.basic_moments
 basic_moments_from_positions = torch.ops.sus2.basic_moments_from_positions
 contract_moments = torch.ops.sus2.contract_moments
+contract_readout = torch.ops.sus2.contract_readout

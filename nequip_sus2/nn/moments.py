@@ -34,6 +34,8 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
 
     #: set by ``enable_fused_moments`` (a class default, so models pickled earlier load too)
     fused: bool = False
+    #: the fused path also applies the readout (``x = theta . B``, see :meth:`_fold_readout`)
+    fold_readout: bool = False
 
     def __init__(
         self,
@@ -110,7 +112,8 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_slots={self.num_slots}, num_basic={self.num_basic}, "
-            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}, fused={self.fused}"
+            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}, fused={self.fused}, "
+            f"fold_readout={self.fold_readout}"
         )
 
     @model_modifier(persistent=False, private=False, unsupported_devices=["cuda"])
@@ -162,12 +165,92 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         ]
         for module in parts.values():
             module.fused = True  # the per-edge modules skip their work in eval mode
+        moments._fold_readout(model)
         # NequIP's AOTI loader imports these before loading a compiled model
         moments._nequip_custom_ops_libs = ("nequip_sus2.kernels.ops",)
         return model
 
-    def _fused_basis(self, data: AtomicDataDict.Type) -> torch.Tensor:
-        """``B_a(i)`` by the fused kernels, [num_nodes, N_B] (parameters detached).
+    def _fold_readout(self, model: torch.nn.Module) -> None:
+        r"""Let the fused path apply the model's linear readout too (``sus2::contract_readout``).
+
+        :math:`x_i = \sum_a \theta_a B_a(i)` is evaluated without the basis: single-product
+        basis functions ``B = m M_p M_q`` of two degree-2 slots (the block
+        :math:`D_l(a,b) D_{l'}(a',b')` of spec §6) become the quadratic form
+        :math:`D^T \Theta D`, and :math:`\partial x/\partial M` comes out of the same pass.
+        Only for models whose one ``LinearReadout`` reads this module's output and that have no
+        other reader of the basis (an extrapolation grade keeps the plain fused path).
+        """
+        from .readout import LinearReadout
+
+        readouts = [m for m in model.modules() if isinstance(m, LinearReadout)]
+        readers = [m for m in model.modules() if getattr(m, "in_field", None) == self.out_field]
+        if len(readouts) != 1 or readers != readouts:
+            self.fold_readout = False
+            return
+        p, q, m, o = (t.tolist() for t in (self.times_p, self.times_q, self.times_m, self.times_o))
+        mapping = self.mapping.tolist()
+        degree = [1] * self.num_basic + [0] * (self.num_slots - self.num_basic)
+        for pk, qk, ok in zip(p, q, o, strict=True):
+            degree[ok] = degree[pk] + degree[qk]
+        writes = [o.count(slot) for slot in range(self.num_slots)]
+        reads = set(p) | set(q)
+        quad = [
+            a
+            for a, slot in enumerate(mapping)
+            if writes[slot] == 1
+            and slot not in reads
+            and mapping.count(slot) == 1
+            and degree[slot] == 4
+            and degree[p[o.index(slot)]] == degree[q[o.index(slot)]] == 2
+        ]
+        quad_out = {mapping[a] for a in quad}
+        keep = [k for k in range(len(o)) if o[k] not in quad_out]
+        entries = [o.index(mapping[a]) for a in quad]
+        nodes = sorted({p[k] for k in entries} | {q[k] for k in entries})
+        device = self.mapping.device
+
+        def buffer(name: str, values: list, dtype: torch.dtype = torch.long) -> None:
+            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), False)
+
+        for name, column in zip("pqo", (p, q, o), strict=True):
+            buffer(f"readout_{name}", [column[k] for k in keep])
+        buffer("readout_m", [m[k] for k in keep], self.times_m.dtype)
+        linear = [a for a in range(len(mapping)) if a not in set(quad)]
+        buffer("readout_linear", linear)
+        buffer("readout_slots", [mapping[a] for a in linear])
+        buffer("readout_quad", quad)
+        buffer("readout_quad_m", [m[k] for k in entries], self.times_m.dtype)
+        buffer("readout_quad_slots", nodes)
+        buffer("readout_quad_p", [nodes.index(p[k]) for k in entries])
+        buffer("readout_quad_q", [nodes.index(q[k]) for k in entries])
+        self._readout = [readouts[0]]  # a plain list: the readout stays where it is registered
+        self.fold_readout = readouts[0].fused = True
+
+    def _fused_readout(self, basic: torch.Tensor) -> torch.Tensor:
+        """``x = theta . B`` [num_nodes, 1] from the basic moments (``sus2::contract_readout``)."""
+        theta = self._readout[0].theta.detach().view(-1)
+        n = self.readout_quad_slots.numel()
+        # Theta symmetric: theta m M_p M_q = D_p (theta m / 2) D_q + D_q (theta m / 2) D_p
+        half = theta.index_select(0, self.readout_quad) * self.readout_quad_m * 0.5
+        flat = half.new_zeros(n * n)
+        flat = flat.index_add(0, self.readout_quad_p * n + self.readout_quad_q, half)
+        flat = flat.index_add(0, self.readout_quad_q * n + self.readout_quad_p, half)
+        x, _ = torch.ops.sus2.contract_readout(
+            basic,
+            self.readout_p,
+            self.readout_q,
+            self.readout_m,
+            self.readout_o,
+            self.readout_slots,
+            theta.index_select(0, self.readout_linear),
+            self.readout_quad_slots,
+            flat.view(n, n),
+            self.num_slots,
+        )
+        return x
+
+    def _fused_basic(self, data: AtomicDataDict.Type) -> torch.Tensor:
+        """``M_b(i)`` by the fused kernels, [num_nodes, n_basic] (parameters detached).
 
         Edge vectors given in ``data`` (edge-force inference, pair potentials) are used as they
         are; otherwise the kernel builds them from positions, cell and cell shifts and returns
@@ -208,15 +291,7 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             basic = torch.ops.sus2.basic_moments_from_positions(
                 pos.to(f64), cell, shift, batch, *params
             )
-        return torch.ops.sus2.contract_moments(
-            basic,
-            self.times_p,
-            self.times_q,
-            self.times_m,
-            self.times_o,
-            self.mapping,
-            self.num_slots,
-        )
+        return basic
 
     def _canonical_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``f_{k,l} u^{(x)l}`` (symmetric components), canonical layout, [n_basic, E]."""
@@ -271,7 +346,19 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         if self.fused and not self.training:
-            data[self.out_field] = self._fused_basis(data)
+            basic = self._fused_basic(data)
+            if self.fold_readout:
+                data[self._readout[0].out_field] = self._fused_readout(basic)
+            else:
+                data[self.out_field] = torch.ops.sus2.contract_moments(
+                    basic,
+                    self.times_p,
+                    self.times_q,
+                    self.times_m,
+                    self.times_o,
+                    self.mapping,
+                    self.num_slots,
+                )
             return data
         data = with_edge_vectors_(data, with_lengths=True)
         basic = self._basic_moments(data)

@@ -15,6 +15,9 @@ class LinearReadout(GraphModuleMixin, torch.nn.Module):
     The site energy is then ``E_i = b + s (1 + x_i)`` via :class:`nequip.nn.PerTypeScaleShift`.
     """
 
+    #: set by ``enable_fused_moments`` when the fused contraction applies this readout too
+    fused: bool = False
+
     def __init__(
         self,
         num_basis: int,
@@ -42,5 +45,7 @@ class LinearReadout(GraphModuleMixin, torch.nn.Module):
         return f"num_basis={self.theta.shape[0]}"
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        if self.fused and not self.training:  # done by the fused contraction (moments.py)
+            return data
         data[self.out_field] = torch.mm(data[self.in_field], self.theta)
         return data
