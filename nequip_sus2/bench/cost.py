@@ -195,11 +195,11 @@ def aoti_compile_all(
             for model, modifiers in jobs
         ]
         todo = [c for c in commands if c is not None]
-        targets = [c[4] for c in todo]
+        targets = [target for _, target in todo]
         if len(set(targets)) != len(targets):
             raise ValueError(f"aoti_compile_all: two models compile to the same file: {targets}")
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            done = iter(list(pool.map(lambda c: _run_compile(c, timeout), todo)))
+            done = iter(list(pool.map(lambda c: _run_compile(*c, timeout), todo)))
     compiled = []
     for (model, _), cmd in zip(jobs, commands, strict=True):
         if cmd is None:
@@ -215,8 +215,9 @@ def aoti_compile_all(
 
 def _compile_command(
     model: BenchModel, modifiers: Sequence[str], out_dir: Path, tmp: Path
-) -> list[str]:
-    """The ``nequip-compile`` command line for ``model`` (written as a package if needed)."""
+) -> tuple[list[str], Path]:
+    """The ``nequip-compile`` command line for ``model`` (written as a package if needed) and
+    the file it writes."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
     target = out_dir / f"{safe}.nequip.pt2"
     source = model.source
@@ -233,12 +234,11 @@ def _compile_command(
     ]  # fmt: skip
     if modifiers:
         cmd += ["--modifiers", *modifiers]
-    return cmd
+    return cmd, target
 
 
-def _run_compile(cmd: list[str], timeout: float) -> tuple[Path, float]:
+def _run_compile(cmd: list[str], target: Path, timeout: float) -> tuple[Path, float]:
     """Runs one ``nequip-compile`` command; returns the compiled file and the wall time."""
-    target = Path(cmd[4])
     start = time.perf_counter()
     # the compile traces the model: keep to this process's thread budget (--threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

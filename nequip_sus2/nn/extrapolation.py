@@ -168,10 +168,9 @@ def insert_extrapolation_grade(model: torch.nn.Module, state, module_class=None)
                 existing.residual_scale.copy_(scale)
             continue
         moments = net._modules["moments"]
-        if moments.fold_readout:  # the grade needs the basis: fused path without the readout
-            moments.fold_readout = False
-            for readout in moments._readout:
-                readout.fused = False
+        # the grade needs the basis (getattr: classes from packages made before the fold)
+        if getattr(moments, "fold_readout", False):
+            moments._unfold_readout()
         if int(moments.num_basis) != inverse.shape[-1]:
             raise ValueError(
                 f"the model has N_B = {moments.num_basis}, the active set {inverse.shape[-1]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -185,27 +186,29 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         readouts = [m for m in model.modules() if isinstance(m, LinearReadout)]
         readers = [m for m in model.modules() if getattr(m, "in_field", None) == self.out_field]
         if len(readouts) != 1 or readers != readouts:
-            self.fold_readout = False
+            self._unfold_readout()
             return
         p, q, m, o = (t.tolist() for t in (self.times_p, self.times_q, self.times_m, self.times_o))
         mapping = self.mapping.tolist()
         degree = [1] * self.num_basic + [0] * (self.num_slots - self.num_basic)
         for pk, qk, ok in zip(p, q, o, strict=True):
             degree[ok] = degree[pk] + degree[qk]
-        writes = [o.count(slot) for slot in range(self.num_slots)]
+        writes, mapped = Counter(o), Counter(mapping)
         reads = set(p) | set(q)
+        entry_of = {slot: k for k, slot in enumerate(o)}  # the only entry of a slot written once
         quad = [
             a
             for a, slot in enumerate(mapping)
             if writes[slot] == 1
             and slot not in reads
-            and mapping.count(slot) == 1
+            and mapped[slot] == 1
             and degree[slot] == 4
-            and degree[p[o.index(slot)]] == degree[q[o.index(slot)]] == 2
+            and degree[p[entry_of[slot]]] == degree[q[entry_of[slot]]] == 2
         ]
+        quad_set = set(quad)
         quad_out = {mapping[a] for a in quad}
         keep = [k for k in range(len(o)) if o[k] not in quad_out]
-        entries = [o.index(mapping[a]) for a in quad]
+        entries = [entry_of[mapping[a]] for a in quad]
         nodes = sorted({p[k] for k in entries} | {q[k] for k in entries})
         device = self.mapping.device
 
@@ -215,7 +218,7 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         for name, column in zip("pqo", (p, q, o), strict=True):
             buffer(f"readout_{name}", [column[k] for k in keep])
         buffer("readout_m", [m[k] for k in keep], self.times_m.dtype)
-        linear = [a for a in range(len(mapping)) if a not in set(quad)]
+        linear = [a for a in range(len(mapping)) if a not in quad_set]
         buffer("readout_linear", linear)
         buffer("readout_slots", [mapping[a] for a in linear])
         buffer("readout_quad", quad)
@@ -225,6 +228,13 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         buffer("readout_quad_q", [nodes.index(q[k]) for k in entries])
         self._readout = [readouts[0]]  # a plain list: the readout stays where it is registered
         self.fold_readout = readouts[0].fused = True
+
+    def _unfold_readout(self) -> None:
+        """Undo :meth:`_fold_readout`: the fused path forms the basis, the readout applies theta
+        (for a reader of the basis such as an extrapolation grade)."""
+        self.fold_readout = False
+        for readout in getattr(self, "_readout", []):
+            readout.fused = False
 
     def _fused_readout(self, basic: torch.Tensor) -> torch.Tensor:
         """``x = theta . B`` [num_nodes, 1] from the basic moments (``sus2::contract_readout``)."""
