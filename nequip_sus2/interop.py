@@ -13,7 +13,8 @@
   full-rank model is re-expanded to the published basis with zero coefficients on the dropped
   duplicates.
 * :func:`cfg_to_extxyz` / :func:`extxyz_to_cfg` convert data sets losslessly;
-  :func:`calc_errors` evaluates a model on a ``.cfg`` file (like ``mlp calc-errors``).
+  :func:`calc_errors` and :func:`calc_grade` evaluate a model on a ``.cfg`` or extended XYZ
+  file (like ``mlp calc-errors`` and ``mlp calc-grade``).
 
 All nequip internals (``_``-prefixed names) this module relies on are reached through
 :func:`_nequip_internals` only.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import os
 import re
@@ -46,6 +48,7 @@ __all__ = [
     "InteropError",
     "ase_calculator",
     "calc_errors",
+    "calc_grade",
     "cfg_to_extxyz",
     "example_data",
     "export_mtp",
@@ -120,13 +123,27 @@ def _ensure_global_state() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_names(names: Sequence[Any], source: str) -> list[str]:
+def _check_names(names: Sequence[Any], source: str, symbols: bool = False) -> list[str]:
+    """The species list as strings; ``symbols``: each must be a chemical symbol (ASE's)."""
     out: list[str] = []
     for i, name in enumerate(names):
         if not isinstance(name, str) or not _NAME_OK.match(name):
             raise InteropError(
                 f"{source}: type name {i} ({name!r}) must be a non-empty string without spaces"
             )
+        if symbols:
+            from ase.data import chemical_symbols
+
+            if name not in chemical_symbols:
+                import difflib
+
+                title = name.capitalize()
+                close = [title] if title in chemical_symbols else []
+                close = close or difflib.get_close_matches(name, chemical_symbols[1:], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InteropError(
+                    f"{source}: type name {i} ({name!r}) is not a chemical symbol{hint}"
+                )
         if name in out:
             raise InteropError(f"{source}: type name {name!r} is listed twice")
         out.append(name)
@@ -436,14 +453,38 @@ def load_model(path: str | os.PathLike, model_key: str | None = None):
 
     ``model_key`` selects one model of a multi-model checkpoint (default: the sole model).
     """
+    import pickle
+    import zipfile
+
     from nequip.model.saved_models.load_utils import load_saved_model
 
     nq = _nequip_internals()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InteropError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"MTP") or path.endswith(".mtp"):
+        raise InteropError(
+            f"{path}: a .mtp file, not a nequip-train checkpoint (.ckpt) or a .nequip.zip "
+            "package (read .mtp files with import_mtp)"
+        )
     _ensure_global_state()
-    models = load_saved_model(path, compile_mode=nq["eager"], model_key=None)
+    try:
+        models = load_saved_model(path, compile_mode=nq["eager"], model_key=None)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError) as e:
+        # torch.load / torch.package on a file of another kind (text, truncated, foreign zip)
+        kind = "package" if path.endswith(PACKAGE_SUFFIX) else "checkpoint"
+        detail = (str(e).strip().splitlines() or [""])[0]
+        detail = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", detail)[:200]
+        if "failed reading zip archive" in detail:
+            detail = "truncated or damaged zip archive"
+        zipped = head[:2] == b"PK" or head[:1] == b"\x80"  # zip or legacy torch.save pickle
+        what = f"{type(e).__name__}: {detail}" if zipped else "not a zip archive"
+        raise InteropError(
+            f"{path}: not a readable nequip-train checkpoint (.ckpt) or .nequip.zip package "
+            f"(read as a {kind}: {what})"
+        ) from e
     keys = list(models.keys())
     if model_key is None:
         if len(keys) != 1:
@@ -792,70 +833,115 @@ def _write_atomically(out: Path, chunks) -> int:
     return count
 
 
-def cfg_to_extxyz(src: str | os.PathLike, out: str | os.PathLike, type_names: Sequence[str]) -> int:
+def _progress_bar(progress: bool | None, src: str, count=None):
+    """A tqdm bar on stderr over the configurations of ``src`` (``progress``: ``None`` = only
+    when stderr is a terminal, as tqdm's ``disable=None``); ``count()`` gives the total, called
+    only when the bar is shown."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    shown = sys.stderr.isatty() if progress is None else bool(progress)
+    return tqdm(
+        total=count() if shown and count is not None else None,
+        desc=os.path.basename(src),
+        unit="cfg",
+        file=sys.stderr,
+        disable=not shown,
+        dynamic_ncols=True,
+    )
+
+
+def cfg_to_extxyz(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    type_names: Sequence[str],
+    progress: bool | None = False,
+) -> int:
     """Convert a ``.cfg`` file to extended XYZ; returns the number of frames.
 
-    Symbols are ``type_names[type]``; energy and forces as ASE results; ``stress`` = -PlusStress
-    / V (ASE sign, fully periodic frames) and ``virial`` = PlusStress (3x3, every frame with
-    PlusStress); Feature lines as string info entries; non-default ids and extra AtomData
-    columns as ``cfg_*`` per-atom columns. :func:`extxyz_to_cfg` restores the file exactly.
+    Symbols are ``type_names[type]`` (chemical symbols); energy and forces as ASE results;
+    ``stress`` = -PlusStress / V (ASE sign, fully periodic frames) and ``virial`` = PlusStress
+    (3x3, every frame with PlusStress); Feature lines as string info entries; non-default ids and
+    extra AtomData columns as ``cfg_*`` per-atom columns. :func:`extxyz_to_cfg` restores the file
+    exactly. ``progress``: a tqdm bar on stderr (``None``: only when stderr is a terminal).
     """
     src = os.fspath(src)
-    names = _check_names(list(type_names), "type_names")
+    names = _check_names(list(type_names), "type_names", symbols=True)
 
     def frames():
-        for index, frame in enumerate(iter_cfg(src)):
-            check_type_range(frame, index, src, names)
-            try:
-                yield _extxyz_frame(frame.to_atoms(names))
-            except InteropError as e:
-                raise cfg_error(src, index, "Feature", str(e)) from None
+        with _progress_bar(progress, src, lambda: len(_begin_lines(src))) as bar:
+            index = -1
+            for index, frame in enumerate(iter_cfg(src)):
+                check_type_range(frame, index, src, names)
+                try:
+                    yield _extxyz_frame(frame.to_atoms(names))
+                except InteropError as e:
+                    raise cfg_error(src, index, "Feature", str(e)) from None
+                bar.update()
+            if index < 0:
+                raise InteropError(f"{src}: no configurations (no BEGIN_CFG line)")
 
     return _write_atomically(Path(out), frames())
 
 
-def extxyz_to_cfg(src: str | os.PathLike, out: str | os.PathLike, type_names: Sequence[str]) -> int:
+def extxyz_to_cfg(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    type_names: Sequence[str],
+    progress: bool | None = False,
+) -> int:
     """Convert extended XYZ (any ASE-readable extxyz) to ``.cfg``; returns the number of frames.
 
     ``type`` = index of the symbol in ``type_names``; PlusStress from ``virial`` when present
     (exact), else -V * stress (fully periodic frames); string info entries become Feature lines.
     Other info entries and per-atom arrays have no place in a ``.cfg`` and are left out (one
-    warning lists them).
+    warning lists them). ``progress``: a tqdm bar on stderr (``None``: only on a terminal).
     """
     import ase.io
+    from ase.io.extxyz import XYZError
 
     src = os.fspath(src)
-    names = _check_names(list(type_names), "type_names")
+    names = _check_names(list(type_names), "type_names", symbols=True)
     dropped: set[str] = set()
 
     def frames():
         line = 1
         try:
             images = ase.io.iread(src, index=":", format="extxyz")
-            for index, atoms in enumerate(images):
-                for key, value in list(atoms.info.items()):
-                    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
-                        atoms.info[key] = [str(v) for v in value.ravel()]
-                    elif key != "virial" and not (
-                        isinstance(value, str)
-                        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-                    ):
-                        dropped.add(f"info[{key!r}]")
-                dropped.update(
-                    f"arrays[{k!r}]"
-                    for k in atoms.arrays
-                    if k not in ("numbers", "positions", "forces") and not k.startswith("cfg_")
-                )
-                try:
-                    frame = CfgFrame.from_atoms(atoms, names)
-                except ValueError as e:
-                    raise InteropError(f"{src}:{line}: frame {index}: {e}") from None
-                line += len(atoms) + 2
-                yield frame
+            with _progress_bar(progress, src) as bar:
+                for index, atoms in enumerate(images):
+                    for key, value in list(atoms.info.items()):
+                        if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+                            atoms.info[key] = [str(v) for v in value.ravel()]
+                        elif key != "virial" and not (
+                            isinstance(value, str)
+                            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                        ):
+                            dropped.add(f"info[{key!r}]")
+                    dropped.update(
+                        f"arrays[{k!r}]"
+                        for k in atoms.arrays
+                        if k not in ("numbers", "positions", "forces") and not k.startswith("cfg_")
+                    )
+                    try:
+                        frame = CfgFrame.from_atoms(atoms, names)
+                    except ValueError as e:
+                        raise InteropError(f"{src}:{line}: frame {index}: {e}") from None
+                    line += len(atoms) + 2
+                    yield frame
+                    bar.update()
         except InteropError:
             raise
-        except (ValueError, IndexError, KeyError) as e:
-            raise InteropError(f"{src}:{line}: not a readable extxyz frame: {e}") from None
+        except KeyError as e:  # ASE: an unknown chemical symbol in the species column
+            raise InteropError(
+                f"{src}:{line}: not a readable extxyz frame: unknown species {e}"
+            ) from None
+        except (ValueError, IndexError, XYZError) as e:
+            detail = str(e).removeprefix("ase.io.extxyz: ")
+            raise InteropError(f"{src}:{line}: not a readable extxyz frame: {detail}") from None
+        if line == 1:
+            raise InteropError(f"{src}: no extxyz frames (empty file)")
 
     count = write_cfg(frames(), Path(out))
     if dropped:
@@ -922,8 +1008,100 @@ def check_type_range(frame, index: int, path: str, type_names: Sequence[str]) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# evaluation (mlp calc-errors)
+# evaluation (mlp calc-errors, mlp calc-grade)
 # ----------------------------------------------------------------------------------------------
+
+#: compiled models (AOTInductor .nequip.pt2, TorchScript .nequip.pth), by suffix
+_COMPILED_SUFFIXES = (".pt2", ".nequip.pth")
+_DATA_SUFFIXES = (".cfg", ".xyz", ".extxyz")
+#: name of the grade in .cfg Feature lines and extxyz info/arrays (as MLIP's calc-grade)
+GRADE_FEATURE = "MV_grade"
+
+
+def model_format(path: str | os.PathLike) -> str:
+    """``"compiled"``, ``"package"``, ``"checkpoint"`` or ``"mtp"``, by the file name."""
+    name = os.fspath(path).lower()
+    if name.endswith(_COMPILED_SUFFIXES):
+        return "compiled"
+    if name.endswith(PACKAGE_SUFFIX):
+        return "package"
+    if name.endswith(".ckpt"):
+        return "checkpoint"
+    if name.endswith(".mtp"):
+        return "mtp"
+    raise InteropError(
+        f"{os.fspath(path)}: MODEL is not a model file (expected a compiled .nequip.pt2, a "
+        f"{PACKAGE_SUFFIX} package, a .ckpt checkpoint or a trained .mtp file)"
+    )
+
+
+def data_format(path: str | os.PathLike, what: str = "DATA") -> str:
+    """``"cfg"`` or ``"extxyz"``, by the file name."""
+    name = os.fspath(path).lower()
+    if name.endswith(".cfg"):
+        return "cfg"
+    if name.endswith(_DATA_SUFFIXES):
+        return "extxyz"
+    raise InteropError(
+        f"{os.fspath(path)}: {what} must be a .cfg or an extended XYZ (.xyz/.extxyz) file"
+    )
+
+
+def _load_calculator(
+    model_path: str | os.PathLike,
+    type_names: Sequence[str] | None,
+    model_dtype: str = "float64",
+    device: str = "cpu",
+):
+    """``(calculator, the model's type names, whether it computes the grade)``; the last is
+    ``None`` when that cannot be told before an evaluation (TorchScript models)."""
+    from nequip.integrations.utils import basic_transforms
+
+    from ._keys import EXTRAPOLATION_GRADE_KEY
+    from .ase import SUS2Calculator
+
+    path = os.fspath(model_path)
+    kind = model_format(path)
+    # structures map to the model's types by chemical symbol: the names must be symbols
+    given = None
+    if type_names is not None:
+        given = _check_names(list(type_names), "type names", symbols=True)
+    if kind == "compiled":
+        calc = SUS2Calculator.from_compiled_model(
+            path, device=device, chemical_species_to_atom_type_map=True
+        )
+        names = next(
+            list(t.model_type_names) for t in calc.transforms if hasattr(t, "model_type_names")
+        )
+        keys = getattr(calc.model, "output_keys", None)
+        has_grade = None if keys is None else EXTRAPOLATION_GRADE_KEY in keys
+    else:
+        if kind == "mtp":
+            if given is None:
+                raise InteropError(
+                    f"{path}: a .mtp file stores no species; give the type names of its type "
+                    "indices 0, 1, ... (--type-names)"
+                )
+            model = import_mtp(path, given, model_dtype=model_dtype).eval()
+        else:
+            model = load_model(path)
+        names = list(model.type_names)
+        calc = SUS2Calculator(
+            model=model,
+            device=device,
+            transforms=basic_transforms(
+                model.metadata, float(model.metadata["r_max"]), names, {t: t for t in names}
+            ),
+        )
+        has_grade = any(type(m).__name__ == "ExtrapolationGrade" for m in model.modules())
+    _check_names(names, f"{path}: the model's type names", symbols=True)
+    if given is not None and given != names:
+        raise InteropError(
+            f"the type names given ({' '.join(given)}) differ from those {path} carries "
+            f"({' '.join(names)}); leave them out to use the model's (its order maps .cfg "
+            "type indices)"
+        )
+    return calc, names, has_grade
 
 
 def ase_calculator(
@@ -932,99 +1110,367 @@ def ase_calculator(
     model_dtype: str = "float64",
     device: str = "cpu",
 ):
-    """A NequIP ASE calculator for a compiled ``.nequip.pt2`` (``--target ase``), a package, a
-    checkpoint or a trained ``.mtp`` (which needs ``type_names``); species map by symbol."""
-    from nequip.integrations.ase import NequIPCalculator
-    from nequip.integrations.utils import basic_transforms
+    """A NequIP ASE calculator (:class:`~nequip_sus2.ase.SUS2Calculator`, which also returns
+    the extrapolation grade of a model that has one) for a compiled ``.nequip.pt2``
+    (``--target ase`` or ``sus2_ase``), a package, a checkpoint or a trained ``.mtp``.
 
-    path = os.fspath(model_path)
-    if path.endswith(".pt2"):
-        return NequIPCalculator.from_compiled_model(
-            path, device=device, chemical_species_to_atom_type_map=True
-        )
-    if path.endswith(".mtp"):
-        if type_names is None:
-            raise InteropError(f"{path}: a .mtp model needs type_names")
-        model = import_mtp(path, type_names, model_dtype=model_dtype).eval()
+    Species map by chemical symbol. ``type_names`` is required for a ``.mtp`` file (the species
+    of its type indices); for the other models, which carry their type names, it is optional
+    and must equal them. Raises :class:`InteropError` for a file that is not a model (by
+    suffix) and for type names that differ from the model's.
+    """
+    return _load_calculator(model_path, type_names, model_dtype=model_dtype, device=device)[0]
+
+
+def _read_data(path: str, type_names: Sequence[str]):
+    """``ase.Atoms`` of every structure of a ``.cfg`` (types are indices into ``type_names``)
+    or extxyz file, with the file's labels; refuses species the model does not have."""
+    if data_format(path) == "cfg":
+        for index, frame in enumerate(iter_cfg(path)):
+            check_type_range(frame, index, path, type_names)
+            yield frame.to_atoms(type_names), frame
+        return
+    import ase.io
+
+    known = set(type_names)
+    line = 1
+    try:
+        for index, atoms in enumerate(ase.io.iread(path, index=":", format="extxyz")):
+            missing = sorted(set(atoms.get_chemical_symbols()) - known)
+            if missing:
+                raise InteropError(
+                    f"{path}:{line}: frame {index} has species {' '.join(missing)} that the "
+                    f"model does not have (its species: {' '.join(type_names)})"
+                )
+            line += len(atoms) + 2
+            yield atoms, None
+    except InteropError:
+        raise
+    except (ValueError, IndexError, KeyError) as e:
+        raise InteropError(f"{path}:{line}: not a readable extxyz frame: {e}") from None
+
+
+def _with_progress(items, path: str, desc: str, progress: bool | None):
+    """``items`` with a tqdm bar on stderr (``progress`` None: only when stderr is a terminal;
+    the total is the number of ``BEGIN_CFG`` lines of a ``.cfg`` file)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="cfg", disable=None if progress is None else not progress)
+    try:
+        if not bar.disable and path.lower().endswith(".cfg"):
+            bar.total = len(_begin_lines(path))
+            bar.refresh()
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
+_VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def _voigt(matrix) -> np.ndarray:
+    """Six components xx yy zz yz xz xy of a 3x3 (symmetrised), 9- or 6-vector."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.size == 6:
+        return m.reshape(6).copy()
+    if m.size != 9:
+        raise InteropError(f"a stress/virial with {m.size} values (expected 6 or 9)")
+    m = m.reshape(3, 3)
+    return np.array([0.5 * (m[i, j] + m[j, i]) for i, j in _VOIGT_PAIRS])
+
+
+def _volume(atoms) -> float | None:
+    """Cell volume of a fully periodic structure, else ``None``."""
+    if not bool(np.all(atoms.pbc)):
+        return None
+    volume = abs(float(np.linalg.det(atoms.cell.array)))
+    return volume if np.isfinite(volume) and volume > 0.0 else None
+
+
+def _labels(atoms) -> tuple[float | None, np.ndarray | None, np.ndarray | None]:
+    """Reference energy, forces and virial (.cfg PlusStress convention, eV) of a structure as
+    read: calculator results first, then ``info``/``arrays``; the virial from
+    ``info["virial"]`` or, for a fully periodic cell, ``-V * stress``."""
+    calc = atoms.calc
+    results = dict(getattr(calc, "results", None) or {}) if calc is not None else {}
+    energy = results.get("energy", atoms.info.get("energy"))
+    forces = results.get("forces", atoms.arrays.get("forces"))
+    virial = None
+    if atoms.info.get("virial") is not None:
+        virial = _voigt(atoms.info["virial"])
     else:
-        model = load_model(path)
-    names = list(model.type_names)
-    transforms = basic_transforms(
-        model.metadata, float(model.metadata["r_max"]), names, {t: t for t in names}
+        stress = results.get("stress", atoms.info.get("stress"))
+        volume = _volume(atoms)
+        if stress is not None and volume is not None:
+            virial = -volume * _voigt(stress)
+    return (
+        None if energy is None else float(energy),
+        None if forces is None else np.asarray(forces, dtype=np.float64).reshape(len(atoms), 3),
+        virial,
     )
-    return NequIPCalculator(model=model, device=device, transforms=transforms)
 
 
-def _stats(diffs: list[np.ndarray]) -> dict[str, float] | None:
+def _evaluate(calc, atoms) -> dict[str, Any]:
+    """Energy, forces, virial (fully periodic structures) and grade (if any) of ``atoms``."""
+    probe = atoms.copy()
+    probe.calc = calc
+    calc.get_property("energy", probe)
+    res = calc.results
+    volume = _volume(probe)
+    virial = None
+    if volume is not None and "stress" in res:
+        virial = -volume * np.asarray(res["stress"], dtype=np.float64).reshape(6)
+    grade = res.get("extrapolation_grade")
+    return {
+        "energy": float(res["energy"]),
+        "forces": np.array(res["forces"], dtype=np.float64).reshape(len(atoms), 3),
+        "virial": virial,
+        "volume": volume,
+        "grade": None if grade is None else np.array(grade, dtype=np.float64).reshape(-1),
+    }
+
+
+def _stats(
+    diffs: list[np.ndarray], refs: list[np.ndarray] | None = None
+) -> dict[str, float | int | None] | None:
+    """Max, mean absolute and RMS of the differences (``None`` without values); with ``refs``
+    also the relative errors RMS(d)/RMS(ref) and max|d|/max|ref| (``None`` if ref is 0)."""
     if not diffs:
         return None
     d = np.concatenate([np.ravel(x) for x in diffs])
-    return {
+    out: dict[str, float | int | None] = {
         "rmse": float(np.sqrt(np.mean(d**2))),
         "mae": float(np.mean(np.abs(d))),
         "max": float(np.max(np.abs(d))),
         "count": int(d.size),
     }
+    if refs is not None:
+        r = np.concatenate([np.ravel(x) for x in refs])
+        rms_ref, max_ref = float(np.sqrt(np.mean(r**2))), float(np.max(np.abs(r)))
+        out["rel_rms"] = out["rmse"] / rms_ref if rms_ref > 0 else None
+        out["rel_max"] = out["max"] / max_ref if max_ref > 0 else None
+    return out
+
+
+def _write_structures(out: str, items, type_names: Sequence[str]) -> int:
+    """Write ``CfgFrame``s (``.cfg``) or ``ase.Atoms`` (extxyz) atomically; returns the count."""
+    if data_format(out, "the output") == "cfg":
+        return write_cfg(
+            (
+                item if isinstance(item, CfgFrame) else CfgFrame.from_atoms(item, type_names)
+                for item in items
+            ),
+            out,
+        )
+    import ase.io
+
+    count = 0
+    with _replacing(Path(out)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for item in items:
+            atoms = item.to_atoms(type_names) if isinstance(item, CfgFrame) else item
+            ase.io.write(f, atoms, format="extxyz")
+            count += 1
+    return count
+
+
+def _predicted_atoms(atoms, pred: dict[str, Any]):
+    """A copy of ``atoms`` whose labels are the predictions (virial/stress when periodic)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = atoms.copy()
+    out.info.pop("virial", None)
+    results: dict[str, Any] = {"energy": pred["energy"], "forces": pred["forces"]}
+    if pred["virial"] is not None:
+        w = pred["virial"]
+        out.info["virial"] = np.array(
+            [[w[0], w[5], w[4]], [w[5], w[1], w[3]], [w[4], w[3], w[2]]], dtype=np.float64
+        )
+        results["stress"] = -w / pred["volume"]
+    out.calc = SinglePointCalculator(out, **results)
+    return out
 
 
 def calc_errors(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
-    type_names: Sequence[str],
+    type_names: Sequence[str] | None = None,
     model_dtype: str = "float64",
     device: str = "cpu",
     predictions: str | os.PathLike | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Errors of a model (see :func:`ase_calculator`) against the labels of a ``.cfg`` file.
+    """Errors of a model (see :func:`ase_calculator`) against the labels of a ``.cfg`` or
+    extended XYZ file, like ``mlp calc-errors``.
 
-    Energy per atom (eV/atom), force components (eV/A) and, for fully periodic frames with
-    PlusStress, stress components as PlusStress / V (eV/A^3; the prediction's PlusStress is
-    ``-V * ASE stress``). ``predictions``: also write the predicted labels as ``.cfg``.
+    ``type_names``: required for a ``.mtp`` model; the other models carry their own (whose
+    order maps ``.cfg`` type indices), and given ones must equal them. Extended XYZ labels are
+    what ``ase.io.read`` gives: calculator results (``energy``, ``forces``, ``stress``), else
+    the same keys in ``info``/``arrays``; ``info["virial"]`` (eV) is used as the virial when
+    present.
+
+    Returns a dict with ``configurations``, ``atoms`` and, per quantity, ``{rmse, mae, max,
+    count}`` (``None`` when the data has no such labels):
+
+    * ``energy``: total energy, eV, one value per configuration;
+    * ``energy_per_atom``: eV/atom;
+    * ``forces``: force components, eV/A;
+    * ``virial``: the six components of the virial ``-dE/dstrain`` (the ``.cfg`` PlusStress,
+      ``-V * ASE stress``), eV, for fully periodic configurations;
+    * ``stress``: virial / V of the same configurations, in GPa (1 eV/A^3 = 160.21766208
+      GPa). Earlier versions reported this entry in eV/A^3.
+
+    ``forces``, ``virial`` and ``stress`` also have the relative errors ``rel_rms`` =
+    RMS(error) / RMS(reference) and ``rel_max`` = max|error| / max|reference| (``None`` when
+    the reference is zero). ``predictions``: also write the structures with the predicted
+    labels (``.cfg`` or extxyz, by suffix). ``progress``: a tqdm bar on stderr (``None``: when
+    stderr is a terminal).
     """
+    from ase.units import GPa
+
     data_path = os.fspath(data_path)
-    names = _check_names(list(type_names), "type_names")
-    calc = ase_calculator(model_path, names, model_dtype=model_dtype, device=device)
-    energy, forces, stress, predicted = [], [], [], []
-    atoms_total = count = 0
-    for index, frame in enumerate(iter_cfg(data_path)):
-        count += 1
-        check_type_range(frame, index, data_path, names)
-        atoms = frame.to_atoms(names)
-        atoms.calc = calc
-        n = max(frame.n_atoms, 1)
-        atoms_total += frame.n_atoms
-        e = float(atoms.get_potential_energy())
-        f = np.asarray(atoms.get_forces(), dtype=np.float64)
-        w = None
-        if frame.cell is not None and bool(frame.pbc.all()):
-            volume = abs(float(np.linalg.det(frame.cell)))
-            w = -np.asarray(atoms.get_stress(voigt=True), dtype=np.float64) * volume
-            if frame.plus_stress is not None:
-                stress.append((w - frame.plus_stress) / volume)
-        if frame.energy is not None:
-            energy.append(np.array([(e - frame.energy) / n]))
-        if frame.forces is not None:
-            forces.append(f - frame.forces)
-        if predictions is not None:
-            predicted.append(
-                CfgFrame(
-                    types=frame.types,
-                    positions=frame.positions,
-                    cell=frame.cell,
-                    energy=e,
-                    forces=f,
-                    plus_stress=w,
-                    features=frame.features,
-                    ids=frame.ids,
-                    extra_columns=frame.extra_columns,
-                )
-            )
+    data_format(data_path)
     if predictions is not None:
-        write_cfg(predicted, predictions)
+        predictions = os.fspath(predictions)
+        data_format(predictions, "the predictions file")
+    calc, names, _ = _load_calculator(model_path, type_names, model_dtype, device)
+    keys = ("energy", "energy_per_atom", "forces", "virial", "stress")
+    diffs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    refs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    predicted = []
+    count = atoms_total = 0
+    items = _read_data(data_path, names)
+    for atoms, frame in _with_progress(items, data_path, "calc-errors", progress):
+        count += 1
+        atoms_total += len(atoms)
+        energy, forces, virial = _labels(atoms)
+        pred = _evaluate(calc, atoms)
+        if energy is not None:
+            diffs["energy"].append(np.array([pred["energy"] - energy]))
+            n = max(len(atoms), 1)
+            diffs["energy_per_atom"].append(np.array([(pred["energy"] - energy) / n]))
+        if forces is not None:
+            diffs["forces"].append(pred["forces"] - forces)
+            refs["forces"].append(forces)
+        if virial is not None and pred["virial"] is not None:
+            diffs["virial"].append(pred["virial"] - virial)
+            refs["virial"].append(virial)
+            scale = 1.0 / (pred["volume"] * GPa)
+            diffs["stress"].append((pred["virial"] - virial) * scale)
+            refs["stress"].append(virial * scale)
+        if predictions is not None:
+            if frame is None:
+                predicted.append(_predicted_atoms(atoms, pred))
+            else:  # the .cfg frame with its ids, columns and Feature order
+                predicted.append(
+                    dataclasses.replace(
+                        frame,
+                        energy=pred["energy"],
+                        forces=pred["forces"],
+                        plus_stress=pred["virial"],
+                    )
+                )
+    if predictions is not None:
+        _write_structures(predictions, predicted, names)
     return {
         "configurations": count,
         "atoms": atoms_total,
-        "energy_per_atom": _stats(energy),
-        "forces": _stats(forces),
-        "stress": _stats(stress),
+        "energy": _stats(diffs["energy"]),
+        "energy_per_atom": _stats(diffs["energy_per_atom"]),
+        "forces": _stats(diffs["forces"], refs["forces"]),
+        "virial": _stats(diffs["virial"], refs["virial"]),
+        "stress": _stats(diffs["stress"], refs["stress"]),
+    }
+
+
+def _no_grade(path: str) -> InteropError:
+    return InteropError(
+        f"{path}: the model has no extrapolation grade; add one with `nequip-sus2 active-set "
+        "MODEL TRAINING_DATA -o OUT` (a .ckpt or .nequip.zip; compile it with --target "
+        "sus2_ase for a .nequip.pt2) first"
+    )
+
+
+def calc_grade(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    type_names: Sequence[str] | None = None,
+    output: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """MaxVol extrapolation grade of every structure of a ``.cfg`` or extended XYZ file, like
+    ``mlp calc-grade``.
+
+    The model (package, checkpoint, or ``.nequip.pt2`` compiled with ``--target sus2_ase``)
+    must carry the grade (``nequip-sus2 active-set``); it is evaluated through
+    :class:`~nequip_sus2.ase.SUS2Calculator`, so the grade is the one that calculator reports.
+    ``type_names``: optional; must equal the model's (whose order maps ``.cfg`` type indices).
+
+    Returns ``configurations``, ``atoms``, ``max_grade`` (the largest per-atom grade of each
+    structure, in file order) and ``summary`` (``count``, ``min``, ``median``, ``max``, and
+    ``above_1``/``above_2``/``above_10``: structures whose grade exceeds 1, 2, 10). ``output``:
+    also write the structures with their grade: a ``Feature MV_grade <value>`` line per
+    configuration (``.cfg``), or ``info["MV_grade"]`` plus the per-atom array ``MV_grade``
+    (extxyz). ``progress``: a tqdm bar on stderr (``None``: when stderr is a terminal).
+    """
+    path, data_path = os.fspath(model_path), os.fspath(data_path)
+    data_format(data_path)
+    to_cfg = False
+    if output is not None:
+        output = os.fspath(output)
+        to_cfg = data_format(output, "the output") == "cfg"
+    if model_format(path) == "mtp":
+        raise InteropError(
+            f"{path}: a .mtp file carries no extrapolation grade; import it (nequip-sus2 "
+            "import-mtp) and add one with `nequip-sus2 active-set` first"
+        )
+    calc, names, has_grade = _load_calculator(path, type_names, device=device)
+    if has_grade is False:
+        raise _no_grade(path)
+    grades: list[float] = []
+    atoms_total = 0
+
+    def graded():
+        nonlocal atoms_total
+        items = _read_data(data_path, names)
+        for atoms, frame in _with_progress(items, data_path, "calc-grade", progress):
+            gamma = _evaluate(calc, atoms)["grade"]
+            if gamma is None:
+                raise _no_grade(path)
+            top = float(gamma.max()) if gamma.size else 0.0
+            grades.append(top)
+            atoms_total += len(atoms)
+            if output is None:
+                continue
+            if to_cfg:
+                if frame is None:
+                    frame = CfgFrame.from_atoms(atoms, names)
+                features = [(k, v) for k, v in frame.features if k != GRADE_FEATURE]
+                yield dataclasses.replace(frame, features=[*features, (GRADE_FEATURE, repr(top))])
+            else:  # the structure as read (its labels kept) plus the grade
+                atoms.info[GRADE_FEATURE] = top
+                atoms.arrays[GRADE_FEATURE] = gamma
+                yield atoms
+
+    if output is None:
+        for _ in graded():
+            pass
+    else:
+        _write_structures(output, graded(), names)
+    g = np.asarray(grades, dtype=np.float64)
+    summary: dict[str, Any] = {
+        "count": int(g.size),
+        "min": float(g.min()) if g.size else None,
+        "median": float(np.median(g)) if g.size else None,
+        "max": float(g.max()) if g.size else None,
+    }
+    for threshold in (1, 2, 10):
+        summary[f"above_{threshold}"] = int(np.count_nonzero(g > threshold))
+    return {
+        "configurations": int(g.size),
+        "atoms": atoms_total,
+        "max_grade": grades,
+        "summary": summary,
     }

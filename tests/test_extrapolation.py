@@ -364,7 +364,7 @@ def _probe_frames(data):
 
 
 @pytest.mark.slow
-def test_checkpoints_and_packages_carry_the_grade(trained, tmp_path):
+def test_checkpoints_and_packages_carry_the_grade(trained, tmp_path, capsys):
     from nequip_sus2.active_set import main
 
     ckpt, data = trained
@@ -394,8 +394,10 @@ def test_checkpoints_and_packages_carry_the_grade(trained, tmp_path):
         got = _grades(_saved_calculator(path), frames)
         for g, r in zip(got, ref, strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="only be written back as a package"):
-        main([str(plain_pkg), str(data), "-o", str(tmp_path / "x.ckpt")])
+    assert main([str(plain_pkg), str(data), "-o", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "nequip-sus2 active-set: error: " in err and "only be written back as a package" in err
+    assert not (tmp_path / "x.ckpt").exists()
 
 
 @pytest.mark.slow

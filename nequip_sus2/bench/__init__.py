@@ -11,7 +11,7 @@ Python API::
     )
     result.results["accuracy"]["SUS2"]["overall"]["forces"]["rmse"]  # eV/A
 
-Command line: ``nequip-sus2 bench MODEL [MODEL ...] --data FILE --out DIR`` (see
+Command line: ``nequip-sus2 bench MODEL [MODEL ...] --data FILE -o DIR`` (see
 :mod:`nequip_sus2.bench.cli`; ``python -m nequip_sus2.bench`` works too). Docs:
 ``docs/metrology.md``.
 

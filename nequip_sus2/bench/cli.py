@@ -17,14 +17,14 @@ DESCRIPTION = (
     "histograms), physical checks (equation of state with a Birch-Murnaghan fit, short NVE MD), "
     "cost (parameters, throughput and peak memory against system size, eager and compiled) and, "
     "for SUS2 models, the learned universal radial curves, per-species energy scale/shift and "
-    "the (alpha, r0) maps. Writes report.md, results.json, figures/ and predictions/ to --out."
+    "the (alpha, r0) maps. Writes report.md, results.json, figures/ and predictions/ to the "
+    "-o/--output directory."
 )
 EPILOG = (
-    "Examples:\n"
-    "  nequip-sus2 bench alloy.mtp --type-names-file alloy_species.yaml --data test.cfg "
-    "--out bench_alloy --skip-md --skip-cost\n"
-    "  nequip-sus2 bench SUS2=sus2/best.ckpt NequIP=nequip/best.ckpt Allegro=allegro.nequip.zip "
-    "--data test.xyz --eos-structure cu_ev.xyz --out bench_emt\n"
+    "Example: nequip-sus2 bench alloy.mtp --type-names-file alloy_species.yaml --data test.cfg "
+    "-o bench_alloy --skip-md --skip-cost\n"
+    "Example: nequip-sus2 bench SUS2=sus2/best.ckpt NequIP=nequip/best.ckpt "
+    "Allegro=allegro.nequip.zip --data test.xyz --eos-structure cu_ev.xyz -o bench_emt\n"
     "Docs: docs/metrology.md"
 )
 
@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="labelled structures: .cfg (needs the species of its type indices) or any file ASE "
         "reads (extxyz, ...); repeat for several files",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", dest="out", metavar="DIR", help="output directory")
+    out.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former spelling
     names = p.add_mutually_exclusive_group()
     names.add_argument(
         "--type-names",

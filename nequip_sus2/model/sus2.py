@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -37,8 +40,42 @@ _DEFAULT_NUMBER_DENSITY = 0.05
 MTP_INFO_ATTR = "mtp_info"
 
 
+#: arguments every NequIP model builder takes (``nequip.model.model_builder`` consumes them)
+_BUILDER_ARGUMENTS = ("seed", "model_dtype", "compile_mode")
+
+
+def _unknown_arguments_message(name: str, unknown: Sequence[str], valid: Sequence[str]) -> str:
+    parts, guessed = [], True
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        guessed = guessed and bool(close)
+    noun = "argument" if len(unknown) == 1 else "arguments"
+    text = f"{name}: unknown {noun} {', '.join(parts)}"
+    return text if guessed else f"{text}; valid arguments: {', '.join(sorted(valid))}"
+
+
+def checked_arguments(builder: Callable) -> Callable:
+    """Refuse unknown keyword arguments of a model builder with one message that names each and
+    the closest valid one (a misspelled key of a config's ``model`` block), instead of a
+    ``TypeError`` deep inside Hydra's instantiation. The signature stays the builder's own."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return builder
+    valid = tuple(dict.fromkeys([*params, *_BUILDER_ARGUMENTS]))
+
+    @functools.wraps(builder)
+    def checked(*args, **kwargs):
+        unknown = [key for key in kwargs if key not in valid]
+        if unknown:
+            raise TypeError(_unknown_arguments_message(builder.__name__, unknown, valid))
+        return builder(*args, **kwargs)
+
+    return checked
+
+
 def scaling_channel_of_mu(scaling_map: str, max_rank: int, radial_funcs_count: int) -> list[int]:
-    """eta(mu) of spec §2.2: K -> floor(mu/(L+1)), L -> mu mod (L+1), LK -> mu."""
+    """eta(mu): K -> floor(mu/(L+1)), L -> mu mod (L+1), LK -> mu."""
     if scaling_map not in SCALING_MAPS:
         raise ValueError(f"scaling_map must be one of {SCALING_MAPS}, got {scaling_map!r}")
     L1 = max_rank + 1
@@ -159,6 +196,7 @@ def _assemble(
     return ForceStressOutput(SequentialGraphNetwork(modules), do_derivatives=do_derivatives)
 
 
+@checked_arguments
 @model_builder
 def SUS2Model(
     r_max: float,
@@ -317,6 +355,7 @@ def _SUS2FromParameters(r_max: float, type_names: Sequence[str], **kwargs):
     return _assemble(r_max=r_max, type_names=type_names, **kwargs)
 
 
+@checked_arguments
 def SUS2FromMTP(
     mtp_path: str | os.PathLike,
     type_names: Sequence[str],
