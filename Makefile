@@ -21,7 +21,7 @@ ifeq ($(filter $(TORCH),cpu cuda),)
 $(error TORCH must be cpu or cuda, not '$(TORCH)')
 endif
 
-.PHONY: venv venv-demo demo test test-all bench benchmarks lint clean
+.PHONY: venv venv-demo demo test test-all bench benchmarks lint clean learn-example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,18 @@ venv: $(VENV)/.installed-test
 
 demo: venv-demo
 	$(BIN)/nequip-sus2 demo -o $(OUT)
+
+# active learning on an EMT Cu-Au alloy (examples/active_learning/README.md): initial data at
+# 300 K, MD at 1200 K; not part of `make test`. Run again to resume (or continue, with a larger
+# LEARN_ITERATIONS) in LEARN_OUT
+LEARN_OUT ?= learn_output
+LEARN_ITERATIONS ?= 12
+learn-example: venv-demo
+	$(BIN)/python examples/active_learning/make_data.py --out $(LEARN_OUT)/data
+	$(BIN)/nequip-sus2 learn $(LEARN_OUT)/data/train_300K.xyz \
+		--settings examples/active_learning/settings.yaml \
+		--md-start $(LEARN_OUT)/data/start_1200K.xyz --test-data $(LEARN_OUT)/data/test_1200K.xyz \
+		--max-iterations $(LEARN_ITERATIONS) -o $(LEARN_OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not veryslow" --durations=15

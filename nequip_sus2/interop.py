@@ -37,8 +37,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from .io.cfg import CfgFormatError, CfgFrame, iter_cfg, write_cfg
+from .io.cfg import (
+    MIN_CELL_MEASURE,
+    CfgFormatError,
+    CfgFrame,
+    cell_measure,
+    first_non_finite,
+    iter_cfg,
+    singular_cell_message,
+    write_cfg,
+)
 from .io.mtp import MTPFile, num_scaling_channels, read_mtp, write_mtp
+from .io.mtp import check_finite as check_mtp_numbers
 from .program import ContractionProgram, generate_program
 
 if TYPE_CHECKING:
@@ -229,6 +239,8 @@ def import_mtp(
     seed: int = 0,
     compile_mode: str | None = None,
     pair_scaling_trainable: bool = True,
+    repulsive_core: float | dict[str, float] | str | None = None,
+    repulsive_core_width: float = 0.5,
 ):
     """A NequIP ``GraphModel`` with exactly the parameters and program of a trained ``.mtp``.
 
@@ -240,6 +252,10 @@ def import_mtp(
         seed: model seed (nothing is random in an imported model)
         compile_mode: ``None``/``"eager"`` or ``"compile"`` (NequIP's train-time compile wrapper)
         pair_scaling_trainable: ``False`` freezes alpha and r0
+        repulsive_core: ZBL below these inner radii (``min_dist``, a float or
+            ``{"A-B": r, ..., "default": r}``, see :func:`repulsive_core_radii`); predictions
+            at larger distances are unchanged (:mod:`nequip_sus2.nn.core`)
+        repulsive_core_width: width of the switch below each inner radius, Angstrom
 
     Raises :class:`~nequip_sus2.io.mtp.MTPFormatError` for a malformed file and
     :class:`InteropError` for a species list of the wrong length (both name file and line).
@@ -264,7 +280,76 @@ def import_mtp(
         model_dtype=model_dtype,
         pair_scaling_trainable=pair_scaling_trainable,
         compile_mode=compile_mode,
+        repulsive_core=repulsive_core,
+        repulsive_core_width=repulsive_core_width,
     )
+
+
+def shortest_pair_distances(
+    frames, type_names: Sequence[str] | None = None, cutoff: float = 6.0
+) -> dict[str, float]:
+    """Shortest distance of each species pair in ``frames`` (ASE ``Atoms``), ``{"A-B": r}``.
+
+    Pairs are keyed by their chemical symbols in ``type_names`` order (``"Cu-Ni"``, not
+    ``"Ni-Cu"``; all symbols found when ``type_names`` is ``None``); pairs never closer than
+    ``cutoff`` are left out. Periodic images count. The result is what ``repulsive_core`` of
+    :func:`nequip_sus2.model.SUS2Model` takes (add a ``default`` for the pairs left out).
+    """
+    from ase.neighborlist import neighbor_list
+
+    frames = list(frames)
+    if type_names is None:
+        type_names = sorted({s for atoms in frames for s in atoms.get_chemical_symbols()})
+    names = list(type_names)
+    num = len(names)
+    best = np.full(num * num, np.inf)
+    for atoms in frames:
+        types = np.array([names.index(s) for s in atoms.get_chemical_symbols()], dtype=np.int64)
+        i, j, d = neighbor_list("ijd", atoms, cutoff)
+        a, b = types[i], types[j]
+        np.minimum.at(best, np.minimum(a, b) * num + np.maximum(a, b), d)
+    return {
+        f"{names[a]}-{names[b]}": float(best[a * num + b])
+        for a in range(num)
+        for b in range(a, num)
+        if np.isfinite(best[a * num + b])
+    }
+
+
+def repulsive_core_radii(
+    spec: str | float, mtp_path: str | os.PathLike, type_names: Sequence[str]
+) -> float | dict[str, float] | str:
+    """The ``repulsive_core`` of an imported model: ``"min_dist"`` and floats as they are; a
+    training-data file (``.cfg``, or anything ``ase.io.read`` reads) gives the shortest distance
+    of each species pair in it, with the ``.mtp`` file's ``min_dist`` for the pairs it lacks."""
+    if spec == "min_dist" or isinstance(spec, (int, float)):
+        return spec if isinstance(spec, str) else float(spec)
+    mtp = read_mtp(mtp_path)
+    names = list(type_names)
+    if os.fspath(spec).endswith(".cfg"):
+        from .io.cfg import read_cfg
+
+        frames = []
+        for k, frame in enumerate(read_cfg(spec)):
+            if frame.types.size and int(frame.types.max()) >= len(names):
+                raise InteropError(
+                    f"{spec}: configuration {k + 1} has type {int(frame.types.max())}, but the "
+                    f"model has {len(names)} species"
+                )
+            frames.append(frame.to_atoms(names))
+    else:
+        from ase.io import read
+
+        frames = read(spec, index=":")
+        for k, atoms in enumerate(frames):
+            unknown = sorted(set(atoms.get_chemical_symbols()) - set(names))
+            if unknown:
+                raise InteropError(
+                    f"{spec}: structure {k + 1} has species {unknown} that are not among the "
+                    f"model's type names"
+                )
+    radii = shortest_pair_distances(frames, names, cutoff=mtp.max_dist)
+    return {**radii, "default": float(mtp.min_dist)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,10 +510,21 @@ def import_mtp_to_package(
     type_names: Sequence[str],
     out: str | os.PathLike,
     model_dtype: str = "float64",
+    repulsive_core: float | dict[str, float] | str | None = None,
+    repulsive_core_width: float = 0.5,
 ) -> Path:
     """:func:`import_mtp` then :func:`write_package`; the package records where it came from."""
     path = os.fspath(path)
-    model = import_mtp(path, type_names, model_dtype=model_dtype)
+    model = import_mtp(
+        path,
+        type_names,
+        model_dtype=model_dtype,
+        repulsive_core=repulsive_core,
+        repulsive_core_width=repulsive_core_width,
+    )
+    core = {}
+    if repulsive_core is not None:
+        core = {"repulsive_core": repulsive_core, "repulsive_core_width": repulsive_core_width}
     config = {
         "source": "nequip-sus2 import-mtp",
         "mtp_file": os.path.abspath(path),
@@ -438,6 +534,7 @@ def import_mtp_to_package(
             "mtp_path": os.path.abspath(path),
             "type_names": list(model.type_names),
             "model_dtype": model_dtype,
+            **core,
         },
     }
     return write_package(model, out, config=config)
@@ -625,6 +722,11 @@ def model_to_mtp(model, expand_full_rank: bool = True) -> MTPFile:
     """
     from .model.sus2 import MTP_INFO_ATTR, scaling_channel_of_mu
 
+    if any(type(m).__name__ == "RepulsiveCore" for m in model.modules()):
+        raise InteropError(
+            "the model has a repulsive core (repulsive_core), a term the .mtp format cannot "
+            "represent; export is refused (export the model built without it)"
+        )
     mods = _sus2_modules(model)
     scaling, radial = mods["UniversalPairScaling"], mods["ChebyshevRadialBasis"]
     embedding, moments = mods["DecoupledElementEmbedding"], mods["MomentContraction"]
@@ -739,12 +841,27 @@ def export_mtp(
     """Write a SUS2 model (object, checkpoint or package path) as ``.mtp``; returns the species
     order of the file's type indices (the file itself stores none).
 
-    The file is checked by reading it back before it is moved into place.
+    The file is checked by reading it back before it is moved into place. A model with a nan or
+    inf parameter is refused (the error names the parameter); nothing is written then.
     """
+    import torch
+
     model = model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_model(model_or_path, model_key=model_key)
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param.detach())
+        if bool(bad.any()):
+            source = os.fspath(model_or_path) if model is not model_or_path else "the model"
+            raise InteropError(
+                f"{source}: parameter '{name}' holds {int(bad.sum())} nan/inf value(s) of "
+                f"{bad.numel()}; refusing to write {os.fspath(out)}"
+            )
     mtp = model_to_mtp(model, expand_full_rank=expand_full_rank)
+    try:
+        check_mtp_numbers(mtp)  # nan/inf from buffers or derived values, naming the .mtp field
+    except ValueError as e:
+        raise InteropError(f"{os.fspath(out)}: not written: {e}") from None
     with _replacing(Path(out)) as tmp:
         write_mtp(mtp, tmp)
         if read_mtp(tmp).parameter_count() != mtp.parameter_count():  # pragma: no cover
@@ -924,6 +1041,7 @@ def extxyz_to_cfg(
                         for k in atoms.arrays
                         if k not in ("numbers", "positions", "forces") and not k.startswith("cfg_")
                     )
+                    check_extxyz_frame(atoms, src, line, index)
                     try:
                         frame = CfgFrame.from_atoms(atoms, names)
                     except ValueError as e:
@@ -1005,6 +1123,47 @@ def check_type_range(frame, index: int, path: str, type_names: Sequence[str]) ->
             f"type_names ({' '.join(type_names)})",
             atom=atom,
         )
+
+
+def check_extxyz_frame(atoms, path: str, line: int | None, index: int) -> None:
+    """Refuse a nan/inf number or a singular periodic cell in frame ``index`` of an extxyz file,
+    the frame whose atom-count line is ``line``: the error names the line (the comment line, or
+    the atom's line) and the extxyz field (``pos``, ``forces``, ``Lattice``, ``energy``, ...).
+    ``line=None`` (a file in another format): the error names the frame only."""
+
+    def fail(at: int, field: str, what: str) -> InteropError:
+        where = path if line is None else f"{path}:{at}"
+        return InteropError(f"{where}: frame {index}: field '{field}': {what}")
+
+    line_ = 0 if line is None else line
+
+    calc = atoms.calc
+    results = dict(getattr(calc, "results", None) or {}) if calc is not None else {}
+    per_atom = {"pos": atoms.positions, "forces": results.get("forces")}
+    for field, values in per_atom.items():
+        k = None if values is None else first_non_finite(values)
+        if k is not None:
+            value = float(np.asarray(values, dtype=np.float64).reshape(-1)[k])
+            raise fail(line_ + 2 + k // 3, field, f"atom {k // 3} holds {value!r}")
+    comment = {
+        "Lattice": atoms.cell.array,
+        "energy": results.get("energy"),
+        "stress": results.get("stress"),
+        "virial": atoms.info.get("virial"),
+    }
+    for field, values in comment.items():
+        if values is None or isinstance(values, str):
+            continue
+        try:
+            k = first_non_finite(values)
+        except (TypeError, ValueError):
+            continue
+        if k is not None:
+            value = float(np.asarray(values, dtype=np.float64).reshape(-1)[k])
+            raise fail(line_ + 1, field, f"holds {value!r}")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any() and (measure := cell_measure(atoms.cell.array, pbc)) < MIN_CELL_MEASURE:
+        raise fail(line_ + 1, "Lattice", singular_cell_message(measure, int(pbc.sum())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1142,6 +1301,7 @@ def _read_data(path: str, type_names: Sequence[str]):
                     f"{path}:{line}: frame {index} has species {' '.join(missing)} that the "
                     f"model does not have (its species: {' '.join(type_names)})"
                 )
+            check_extxyz_frame(atoms, path, line, index)
             line += len(atoms) + 2
             yield atoms, None
     except InteropError:
@@ -1346,6 +1506,11 @@ def calc_errors(
         atoms_total += len(atoms)
         energy, forces, virial = _labels(atoms)
         pred = _evaluate(calc, atoms)
+        if not (np.isfinite(pred["energy"]) and np.isfinite(pred["forces"]).all()):
+            raise InteropError(
+                f"{os.fspath(model_path)}: the model predicts nan/inf energy or forces for "
+                f"configuration {count - 1} of {os.fspath(data_path)} (nan/inf parameters?)"
+            )
         if energy is not None:
             diffs["energy"].append(np.array([pred["energy"] - energy]))
             n = max(len(atoms), 1)

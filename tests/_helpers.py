@@ -10,6 +10,25 @@ from nequip.data import AtomicDataDict, compute_neighborlist_, from_dict
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # .cfg PlusStress order
 
+#: one periodic Cu-Se structure written by hand in the MLIP-2 layout (type 0 = Cu, 1 = Se)
+CU_SE_CFG = """\
+BEGIN_CFG
+ Size
+    2
+ Supercell
+    3.6 0.0 0.0
+    0.0 3.6 0.0
+    0.0 0.0 3.6
+ AtomData:  id type       cartes_x      cartes_y      cartes_z           fx          fy          fz
+    1 0 0.0 0.0 0.0 0.1 0.2 0.3
+    2 1 1.8 1.8 0.25 -0.1 -0.2 -0.3
+ Energy
+    -7.5
+ PlusStress:  xx          yy          zz          yz          xz          xy
+    0.1 0.2 0.3 0.0 0.0 0.0
+END_CFG
+"""
+
 
 def frame_data(types, positions, cell, r_max: float) -> AtomicDataDict.Type:
     """AtomicDataDict with a neighbour list for one structure (cell None = non-periodic)."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import CU_SE_CFG
 from conftest import require_reference
 
 import nequip_sus2
@@ -26,24 +27,10 @@ from nequip_sus2.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-#: two configurations written by hand in the MLIP-2 layout (type 0 = Cu, 1 = Se)
-TINY_CFG = """\
-BEGIN_CFG
- Size
-    2
- Supercell
-    3.6 0.0 0.0
-    0.0 3.6 0.0
-    0.0 0.0 3.6
- AtomData:  id type       cartes_x      cartes_y      cartes_z           fx          fy          fz
-    1 0 0.0 0.0 0.0 0.1 0.2 0.3
-    2 1 1.8 1.8 0.25 -0.1 -0.2 -0.3
- Energy
-    -7.5
- PlusStress:  xx          yy          zz          yz          xz          xy
-    0.1 0.2 0.3 0.0 0.0 0.0
-END_CFG
-
+#: two configurations in the MLIP-2 layout (type 0 = Cu, 1 = Se)
+TINY_CFG = (
+    CU_SE_CFG
+    + """
 BEGIN_CFG
  Size
     1
@@ -57,6 +44,7 @@ BEGIN_CFG
     -3.25
 END_CFG
 """
+)
 #: positions of TINY_CFG in file order
 TINY_POSITIONS = [[[0.0, 0.0, 0.0], [1.8, 1.8, 0.25]], [[0.5, 0.5, 0.5]]]
 

@@ -205,6 +205,7 @@ EXPECTED_SUBCOMMANDS = [
     "active-set",
     "select-add",
     "demo",
+    "learn",
 ]
 
 

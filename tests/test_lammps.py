@@ -5,7 +5,10 @@ run under the wheel's ``lmp`` (and mpich's ``mpirun -np 2``). References are ind
 plugin: NequIP's ASE calculator on an ``--target ase`` compile of the same model, and the eager
 model. Two models: the published Alloy ``.mtp`` (float64) and a freshly trained tutorial model
 (float32, one epoch on a small EMT set). Each model is compiled once per target (module-scoped
-fixtures; the two targets compile concurrently).
+fixtures; the two targets compile concurrently). The tutorial model with an extrapolation grade
+(``nequip-sus2 active-set`` on its training data) is compiled once more for
+``--target pair_sus2_grade`` and checked against ``SUS2Calculator`` on the eager checkpoint.
+Per-atom virials are checked against the edge derivatives of the eager model.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ import pytest
 from _helpers import run_ok
 from conftest import SPECIES, require_reference
 
-from nequip_sus2.lammps.target import PAIR_SUS2_INPUTS, PAIR_SUS2_TARGET, ghost_atom_data
+from nequip_sus2.lammps.target import (
+    PAIR_SUS2_GRADE_TARGET,
+    PAIR_SUS2_INPUTS,
+    PAIR_SUS2_TARGET,
+    ghost_atom_data,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TUTORIAL_SPECIES = ["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
@@ -44,6 +52,10 @@ def test_pair_sus2_target_has_the_pair_allegro_contract():
     allegro = COMPILE_TARGET_DICT.get("pair_allegro")  # registered by nequip-allegro if present
     if allegro is not None:
         assert (allegro["input"], allegro["output"]) == (target["input"], target["output"])
+    graded = COMPILE_TARGET_DICT[PAIR_SUS2_GRADE_TARGET]
+    assert graded["input"] == target["input"]
+    assert graded["output"] == [*LMP_OUTPUTS, "sus2_extrapolation_grade"]
+    assert graded["data_settings"] is ghost_atom_data
 
 
 def test_ghost_atom_data_reproduces_the_periodic_model():
@@ -195,7 +207,28 @@ def tutorial(plugin, tmp_path_factory) -> dict:
     paths = _compile(
         run_dir / "best.ckpt", out, "tutorial", [PAIR_SUS2_TARGET, "ase"], fused=(PAIR_SUS2_TARGET,)
     )
-    return {"lmp": paths[PAIR_SUS2_TARGET], "ase": paths["ase"], "float64": False}
+    return {
+        "lmp": paths[PAIR_SUS2_TARGET],
+        "ase": paths["ase"],
+        "float64": False,
+        "ckpt": run_dir / "best.ckpt",
+        "data": data,
+    }
+
+
+@pytest.fixture(scope="module")
+def graded(tutorial, tmp_path_factory) -> dict:
+    """The tutorial model with its extrapolation grade (``nequip-sus2 active-set`` on its
+    training data), compiled for ``--target pair_sus2_grade`` with the fused kernels."""
+    from nequip_sus2.cli import main
+
+    out = tmp_path_factory.mktemp("graded")
+    ckpt = out / "graded.ckpt"
+    args = ["active-set", str(tutorial["ckpt"]), str(tutorial["data"]), "-o", str(ckpt)]
+    assert main([*args, "--no-progress"]) == 0
+    target = PAIR_SUS2_GRADE_TARGET
+    paths = _compile(ckpt, out, "graded", [target], fused=(target,))
+    return {"lmp": paths[target], "ckpt": ckpt}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +373,9 @@ def test_isolated_atoms_and_empty_ranks(ranks, plugin, tutorial, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _input(plugin: Path, model: Path, names: str, extra: str = "", units: str = "metal") -> str:
+def _input(
+    plugin: Path, model: Path, names: str, extra: str = "", units: str = "metal", style: str = ""
+) -> str:
     return f"""\
 plugin load {plugin}
 units {units}
@@ -350,7 +385,7 @@ region box block 0 2 0 2 0 2
 create_box 2 box
 create_atoms 1 box
 mass * 63.5
-pair_style sus2
+pair_style sus2 {style}
 pair_coeff * * {model} {names}
 {extra}
 run 0
@@ -389,10 +424,31 @@ def test_clear_errors(plugin, alloy, tmp_path):
             _input(plugin, alloy["lmp"], "Cu Ag", units="real"),
             r"needs units metal",
         ),
-        "per_atom_virial": (
-            _input(plugin, alloy["lmp"], "Cu Ag", "compute s all stress/atom NULL\n"
-                   "dump d all custom 1 s.dump id c_s[1]"),
-            r"does not compute per-atom virials",
+        "select_without_grade": (
+            _input(plugin, alloy["lmp"], "Cu Ag", style="select 2 break 10"),
+            r"select/break thresholds need a model with an extrapolation grade, and .* has "
+            r"none: add one with `nequip-sus2 active-set` and compile with --target "
+            r"pair_sus2_grade",
+        ),
+        "fix_pair_without_grade": (
+            _input(plugin, alloy["lmp"], "Cu Ag", "fix g all pair 1 sus2 grade 0"),
+            r"model .* has no extrapolation grade: add one with `nequip-sus2 active-set`",
+        ),
+        "unknown_keyword": (
+            _input(plugin, alloy["lmp"], "Cu Ag", style="stop 10"),
+            r"unknown keyword 'stop' \(usage: pair_style sus2 \[select GRADE\] \[break GRADE\]",
+        ),
+        "missing_value": (
+            _input(plugin, alloy["lmp"], "Cu Ag", style="select"),
+            r"keyword 'select' needs a value",
+        ),
+        "negative_threshold": (
+            _input(plugin, alloy["lmp"], "Cu Ag", style="break -1"),
+            r"break threshold must be a positive number, got -1",
+        ),
+        "break_below_select": (
+            _input(plugin, alloy["lmp"], "Cu Ag", style="select 5 break 2"),
+            r"break threshold 2 is below the select threshold 5",
         ),
     }  # fmt: skip
     for name, (text, pattern) in cases.items():
@@ -454,3 +510,210 @@ run {steps}
     assert data[:, 1].min() > 50.0  # atoms are moving
     assert abs(drift) < 5e-5, drift
     assert spread < 1e-4, spread
+
+
+# ----------------------------------------------------------------------------------------------
+# per-atom virials (slow)
+# ----------------------------------------------------------------------------------------------
+
+
+def edge_virials(model, atoms, species) -> tuple[np.ndarray, np.ndarray]:
+    """Independent per-atom virials ``[N, 3, 3]`` (eV) of the eager ``model``: the edge
+    derivatives ``g_e = dE/dr_e`` from NequIP's edge-vector route (autograd of the total energy
+    with respect to the edge vectors), the edge virial ``w_e = -r_e (x) g_e`` split half and half
+    between the two atoms (symmetrised), and given whole to the neighbour (site-energy form)."""
+    import torch
+    from _helpers import frame_data
+
+    type_names = list(model.metadata["type_names"].split())
+    types = np.array([type_names.index(s) for s in atoms.get_chemical_symbols()])
+    cell = np.asarray(atoms.cell[:])
+    data = frame_data(types, atoms.positions, cell, float(model.metadata["r_max"]))
+    edge_index = data["edge_index"]
+    pos = data["pos"].to(torch.float64)
+    shifts = data["edge_cell_shift"].to(torch.float64) @ torch.as_tensor(cell)
+    vectors = (pos[edge_index[1]] - pos[edge_index[0]] + shifts).detach()
+    out = model(
+        {
+            "pos": data["pos"],
+            "edge_index": edge_index,
+            "atom_types": data["atom_types"],
+            "edge_vectors": vectors.clone(),
+        }
+    )
+    g = out["edge_forces"].detach().to(torch.float64)
+    w = -vectors[:, :, None] * g[:, None, :]
+    n = len(atoms)
+    half = torch.zeros(n, 3, 3, dtype=torch.float64)
+    half.index_add_(0, edge_index[0], 0.5 * w).index_add_(0, edge_index[1], 0.5 * w)
+    half = 0.5 * (half + half.transpose(1, 2))
+    site = torch.zeros(n, 3, 3, dtype=torch.float64).index_add_(0, edge_index[1], w)
+    return half.numpy(), site.numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,newton", [(1, True), (2, True), (2, False)])
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_per_atom_virial(name, ranks, newton, plugin, alloy, tmp_path):
+    """``compute stress/atom`` and ``compute centroid/stress/atom`` (float64 Alloy model): the
+    per-atom virials sum to the global virial and equal the eager model's edge-derivative
+    virials; energies and forces on these steps are unchanged."""
+    from nequip_sus2.interop import import_mtp
+    from nequip_sus2.lammps.run import single_point
+
+    atoms = STRUCTURES[name](ALLOY_SPECIES)
+    lmp = single_point(
+        plugin, alloy["lmp"], atoms, ALLOY_SPECIES, tmp_path, ranks=ranks, newton=newton,
+        per_atom_virial=True,
+    )  # fmt: skip
+    what = f"{name}, {ranks} rank(s), newton {'on' if newton else 'off'}"
+    assert_agree(lmp, ase_reference(alloy, atoms), True, len(atoms), what)
+    model = import_mtp(require_reference("alloy.mtp"), SPECIES["alloy"]).eval()
+    half, site = edge_virials(model, atoms, ALLOY_SPECIES)
+    scale = float(np.abs(half).max())
+    assert scale > 0.01
+    np.testing.assert_allclose(lmp.atom_virials.sum(0), lmp.virial, rtol=0, atol=1e-10)
+    total = lmp.centroid_virials.sum(0)
+    np.testing.assert_allclose(0.5 * (total + total.T), lmp.virial, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(lmp.atom_virials, half, rtol=0, atol=1e-9 * scale, err_msg=what)
+    np.testing.assert_allclose(lmp.centroid_virials, site, rtol=0, atol=1e-9 * scale)
+    # the site-energy form is not the half split: the test tells them apart
+    assert np.abs(site - half).max() > 1e-3 * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# extrapolation grade: per-atom values, select and break (slow)
+# ----------------------------------------------------------------------------------------------
+
+GRADE_STEPS = 20
+
+
+def _grade_md(plugin: Path, model: Path, workdir: Path, style: str, ranks: int):
+    """``GRADE_STEPS`` steps of hot NVE of a 108-atom alloy; returns the LAMMPS result (or the
+    RuntimeError of a stopped run), the largest grade of every step (thermo) and the selected
+    configurations."""
+    from nequip_sus2.io.cfg import read_cfg
+    from nequip_sus2.lammps.run import run_lammps, write_lammps_data
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    atoms = alloy_structure(ALLOY_SPECIES, 3, 3.9, seed=5, rattle=0.1)
+    write_lammps_data(atoms, workdir / "structure.data", ALLOY_SPECIES)
+    text = f"""\
+plugin load {plugin}
+units metal
+atom_style atomic
+read_data structure.data
+pair_style sus2 {style} selected selected.cfg
+pair_coeff * * {model} {" ".join(ALLOY_SPECIES)}
+velocity all create 1500 4928459 mom yes rot yes dist gaussian
+timestep 0.002
+fix md all nve
+fix grade all pair 1 sus2 grade 0
+compute grade_max all pair sus2
+dump grades all custom {GRADE_STEPS // 2} grades.dump id f_grade
+dump_modify grades sort id format float %.17g
+thermo_style custom step c_grade_max[1]
+thermo_modify format float %.17g
+thermo 1
+run {GRADE_STEPS}
+"""
+    try:
+        result = run_lammps(text, workdir, ranks=ranks)
+        output = result.output
+    except RuntimeError as e:
+        result, output = e, str(e)
+    thermo = re.split(r"^\s*Step\s+c_grade_max\[1\]\s*$", output, flags=re.MULTILINE)[-1]
+    rows = re.findall(r"^\s+(\d+)\s+(\S+)\s*$", thermo.split("Loop time")[0], re.MULTILINE)
+    grades = np.array([float(g) for _, g in rows])
+    assert [int(t) for t, _ in rows] == list(range(len(rows))), output[-2000:]
+    path = workdir / "selected.cfg"
+    frames = read_cfg(path) if path.exists() else []
+    return result, grades, frames
+
+
+def _step(frame) -> int:
+    return int(dict(frame.features)["sus2_step"])
+
+
+def _thresholds(grades: np.ndarray) -> tuple[float, float, int]:
+    """``(select, break, k)``: ``break`` first exceeded at step ``k > 1``; ``select`` between
+    two of the earlier grades; both far (relative 1e-3) from every grade of steps 0..k."""
+    gaps = [
+        ((grades[k] - grades[:k].max()) / grades[k], k)
+        for k in range(2, len(grades))
+        if grades[k] > grades[:k].max()
+    ]
+    assert gaps, f"the largest grade never grows: {grades}"
+    margin, k = max(gaps)
+    assert margin > 1e-3, grades
+    brk = 0.5 * (grades[:k].max() + grades[k])
+    below = np.sort(grades[:k])
+    i = int(np.argmax(np.diff(below)))
+    assert (below[i + 1] - below[i]) / below[i + 1] > 1e-3, grades
+    return float(0.5 * (below[i] + below[i + 1])), float(brk), k
+
+
+@pytest.mark.slow
+def test_grade_select_and_break(plugin, graded, tmp_path):
+    """The per-atom grade in LAMMPS equals ``SUS2Calculator``'s on the same structures;
+    ``select`` appends exactly the steps above the threshold to a .cfg that ``read_cfg`` reads
+    back; ``break`` stops the run at the first step above it; 1 and 2 ranks agree."""
+    from nequip_sus2.ase import SUS2Calculator
+
+    # 1 rank, select everything: every step's configuration and grades
+    _, grades, frames = _grade_md(plugin, graded["lmp"], tmp_path / "all", "select 1e-9", 1)
+    assert len(grades) == GRADE_STEPS + 1
+    assert [_step(f) for f in frames] == list(range(GRADE_STEPS + 1))
+    calc = SUS2Calculator._from_saved_model(
+        str(graded["ckpt"]), device="cpu", chemical_species_to_atom_type_map=True
+    )
+    dumped = {}
+    for block in (tmp_path / "all" / "grades.dump").read_text().split("ITEM: TIMESTEP")[1:]:
+        lines = block.strip().splitlines()
+        rows = np.array([[float(v) for v in line.split()] for line in lines[8:]])
+        dumped[int(lines[0])] = rows
+    assert sorted(dumped) == [0, GRADE_STEPS // 2, GRADE_STEPS]
+    for frame, grade in zip(frames, grades, strict=True):
+        mine = frame.extra_columns["nbh_grades"]
+        assert float(dict(frame.features)["MV_grade"]) == grade == mine.max()
+        atoms = frame.to_atoms(TUTORIAL_SPECIES)
+        assert (
+            atoms.get_chemical_symbols()
+            == alloy_structure(ALLOY_SPECIES, 3, 3.9, seed=5).get_chemical_symbols()
+        )
+        atoms.calc = calc
+        ref = calc.get_extrapolation_grade(atoms)
+        assert ref.max() > 1.0  # extrapolating: the thresholds below are meaningful
+        np.testing.assert_allclose(mine, ref, rtol=1e-4, err_msg=f"step {_step(frame)}")
+        if _step(frame) in dumped:
+            rows = dumped[_step(frame)]
+            assert np.array_equal(rows[:, 0], frame.ids) and np.array_equal(rows[:, 1], mine)
+
+    # thresholds from these grades; 2 ranks, then 1 rank: same selections, same stop
+    select, brk, k = _thresholds(grades)
+    expected = [t for t in range(k + 1) if grades[t] > select]
+    assert 0 < len(expected) < k + 1
+    style = f"select {select!r} break {brk!r}"
+    for ranks in (2, 1):
+        result, got, picked = _grade_md(
+            plugin, graded["lmp"], tmp_path / f"np{ranks}", style, ranks
+        )
+        assert isinstance(result, RuntimeError), f"{ranks} rank(s): the run did not stop"
+        errors = [line for line in str(result).splitlines() if line.startswith("ERROR")]
+        match = re.match(
+            rf"ERROR: sus2: extrapolation grade (\S+) above break threshold {re.escape(repr(brk))} "
+            rf"at step {k} ",
+            errors[0] if errors else "",
+        )
+        assert match, f"{ranks} rank(s): {errors or str(result)[-2000:]}"
+        assert float(match.group(1)) == pytest.approx(grades[k], rel=1e-5)
+        np.testing.assert_allclose(got, grades[:k], rtol=1e-5)  # thermo of steps before k
+        assert [_step(f) for f in picked] == expected, f"{ranks} rank(s)"
+        for frame in picked:
+            first = frames[_step(frame)]
+            np.testing.assert_allclose(frame.positions, first.positions, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(
+                frame.extra_columns["nbh_grades"], first.extra_columns["nbh_grades"], rtol=1e-4
+            )
+            np.testing.assert_array_equal(frame.types, first.types)
+            np.testing.assert_allclose(frame.cell, first.cell, rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import nequip_sus2.io.mtp as mtp_module
@@ -285,12 +285,17 @@ def mtp_files(draw) -> MTPFile:
     def vec(n: int) -> list[float]:
         return draw(st.lists(floats, min_size=n, max_size=n))
 
+    # the reader refuses a cutoff that is not 0 < min_dist < max_dist (as written, '%.15e')
+    positive = floats.filter(lambda x: x > 0)
+    min_dist, max_dist = sorted(draw(st.lists(positive, min_size=2, max_size=2)))
+    assume(f15(min_dist) < f15(max_dist))
+
     return MTPFile(
         L=L,
         scaling_map=scaling_map,
         species_count=C,
-        min_dist=draw(floats),
-        max_dist=draw(floats),
+        min_dist=min_dist,
+        max_dist=max_dist,
         radial_basis_size=R,
         radial_funcs_count=n_mu,
         program=program,

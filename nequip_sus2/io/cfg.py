@@ -29,12 +29,16 @@ Conventions of this module:
   bit for bit.
 
 Any malformed input raises :class:`CfgFormatError` (a ``ValueError``) whose message starts with
-``<path>:<line>:`` and names the offending field.
+``<path>:<line>:`` and names the offending field. That includes nan/inf numbers (positions,
+forces, Energy, PlusStress, Supercell) and a singular periodic cell (volume, or area/length for
+2 or 1 periodic directions, below :data:`MIN_CELL_MEASURE`); :class:`CfgFrame` refuses them too,
+so they are never written either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -48,13 +52,21 @@ if TYPE_CHECKING:
     from ase import Atoms
 
 __all__ = [
+    "MIN_CELL_MEASURE",
     "VOIGT_ORDER",
     "CfgFormatError",
     "CfgFrame",
+    "cell_measure",
+    "first_non_finite",
     "iter_cfg",
     "read_cfg",
+    "singular_cell_message",
     "write_cfg",
 ]
+
+#: Smallest volume (A^3; area or length for 2 or 1 periodic directions) of a periodic cell: below
+#: it the cell is singular for stresses and neighbour lists, and files holding one are refused.
+MIN_CELL_MEASURE = 1e-8
 
 #: Order of the six PlusStress components (same as ASE's Voigt order).
 VOIGT_ORDER: tuple[str, ...] = ("xx", "yy", "zz", "yz", "xz", "xy")
@@ -82,6 +94,40 @@ class CfgFormatError(ValueError):
 
     def __reduce__(self):  # keep the exception picklable (multiprocessing data loaders)
         return (type(self), (self.path, self.lineno, self.field, self.detail))
+
+
+# ----------------------------------------------------------------------------------------------
+# checks shared with the extended XYZ readers
+# ----------------------------------------------------------------------------------------------
+
+
+def first_non_finite(values: Any) -> int | None:
+    """Flat index of the first nan/inf of ``values``, or ``None`` when all are finite."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(arr))
+    return int(bad[0]) if bad.size else None
+
+
+def cell_measure(cell: Any, pbc: Any) -> float:
+    """Volume (A^3) of the periodic part of ``cell``: the volume for 3 periodic directions, the
+    area for 2 and the length for 1 (``sqrt(det(A A^T))`` of the periodic rows ``A``)."""
+    rows = np.asarray(cell, dtype=np.float64)[np.asarray(pbc, dtype=bool)]
+    if not len(rows):
+        return math.inf
+    with np.errstate(all="ignore"):  # huge numbers overflow to inf: not singular
+        if len(rows) == 3:
+            return abs(float(np.linalg.det(rows)))
+        return math.sqrt(max(float(np.linalg.det(rows @ rows.T)), 0.0))
+
+
+def singular_cell_message(measure: float, n_periodic: int) -> str:
+    """Why a periodic cell of ``measure`` (see :func:`cell_measure`) is refused."""
+    what = {3: ("volume", "A^3"), 2: ("area", "A^2"), 1: ("length", "A")}[n_periodic]
+    return (
+        f"the periodic cell is singular: its {what[0]} is {measure:.3g} {what[1]} "
+        f"(< {MIN_CELL_MEASURE:g}); stresses and neighbour lists need linearly independent "
+        "lattice vectors"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +228,7 @@ class CfgFrame:
             self.plus_stress = _float_array(self.plus_stress, (6,), "plus_stress")
         if self.ids is not None:
             self.ids = _int_array(self.ids, (n,), "ids")
+        self._check_finite()
         features = self.features
         if isinstance(features, Mapping):
             features = list(features.items())
@@ -199,6 +246,29 @@ class CfgFrame:
                 raise ValueError(f"extra column {name!r} clashes with a standard AtomData column")
             extra[name] = _float_array(values, (n,), f"extra column {name!r}")
         self.extra_columns = extra
+
+    def _check_finite(self) -> None:
+        """``ValueError`` for a nan/inf number or a singular periodic cell."""
+        per_atom = {"positions": self.positions, "forces": self.forces}
+        for name, values in per_atom.items():
+            k = None if values is None else first_non_finite(values)
+            if k is not None:
+                raise ValueError(
+                    f"{name} of atom {k // 3} (AtomData row {k // 3 + 1}) hold "
+                    f"{float(values.reshape(-1)[k])!r}"
+                )
+        if self.energy is not None and not math.isfinite(self.energy):
+            raise ValueError(f"Energy is {self.energy!r}")
+        if self.plus_stress is not None and (k := first_non_finite(self.plus_stress)) is not None:
+            raise ValueError(f"PlusStress {VOIGT_ORDER[k]} is {float(self.plus_stress[k])!r}")
+        if self.cell is not None:
+            if (k := first_non_finite(self.cell)) is not None:
+                raise ValueError(
+                    f"Supercell row {k // 3 + 1} holds {float(self.cell.reshape(-1)[k])!r}"
+                )
+            pbc = self.pbc
+            if pbc.any() and (measure := cell_measure(self.cell, pbc)) < MIN_CELL_MEASURE:
+                raise ValueError(singular_cell_message(measure, int(pbc.sum())))
 
     # -- convenience --------------------------------------------------------------------------
 
@@ -536,6 +606,10 @@ def _parse_atom_data(
                 for lineno, _raw, row in rows:
                     _parse_float(src, lineno, row[j], name)
                 raise  # pragma: no cover - the loop above raises
+            if name in _STANDARD_COLUMNS and (k := first_non_finite(arrays[name])) is not None:
+                raise src.error(
+                    rows[k][0], name, f"{name} value {column[k]!r} is not a finite number"
+                )
     return columns, arrays, len(rows)
 
 
@@ -611,14 +685,33 @@ def _parse_frame(src: _LineSource, begin_lineno: int) -> CfgFrame:
                     )
                 for k, token in enumerate(row):
                     cell[i, k] = _parse_float(src, row_lineno, token, "Supercell")
+                    if not math.isfinite(cell[i, k]):
+                        raise src.error(
+                            row_lineno,
+                            "Supercell",
+                            f"Supercell value {token!r} is not a finite number",
+                        )
             if not cell.any():
                 cell = None
+            else:
+                pbc = np.any(cell != 0.0, axis=1)
+                measure = cell_measure(cell, pbc)
+                if measure < MIN_CELL_MEASURE:
+                    raise src.error(
+                        lineno,
+                        "Supercell",
+                        f"Supercell: {singular_cell_message(measure, int(pbc.sum()))}",
+                    )
         elif key == "AtomData":
             atom_data = _parse_atom_data(src, item)
             atom_lineno = lineno
         elif key == "Energy":
             value_lineno, (token,) = _value_line(src, item, "Energy", 1)
             energy = _parse_float(src, value_lineno, token, "Energy")
+            if not math.isfinite(energy):
+                raise src.error(
+                    value_lineno, "Energy", f"Energy value {token!r} is not a finite number"
+                )
         elif key == "PlusStress":
             names = tokens[1:] or list(VOIGT_ORDER)
             if sorted(names) != sorted(VOIGT_ORDER):
@@ -632,6 +725,14 @@ def _parse_frame(src: _LineSource, begin_lineno: int) -> CfgFrame:
                 n: _parse_float(src, value_lineno, t, "PlusStress")
                 for n, t in zip(names, values, strict=True)
             }
+            bad = [n for n in names if not math.isfinite(by_name[n])]
+            if bad:
+                raise src.error(
+                    value_lineno,
+                    "PlusStress",
+                    f"PlusStress {bad[0]} value {values[names.index(bad[0])]!r} is not a finite "
+                    "number",
+                )
             plus_stress = np.array([by_name[n] for n in VOIGT_ORDER], dtype=np.float64)
 
     if size is None:

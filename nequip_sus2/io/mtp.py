@@ -2,7 +2,9 @@
 
 Trained files round-trip byte for byte through :func:`read_mtp` and :func:`write_mtp` (up to the
 final newline, which the original writer omits). Untrained templates (no coefficient blocks) are
-read too. Errors raise :class:`MTPFormatError` naming the file, the line and the field.
+read too. Errors raise :class:`MTPFormatError` naming the file, the line and the field, including
+nan/inf numbers and a cutoff that is not ``0 < min_dist < max_dist``; :func:`write_mtp` refuses
+those too (``ValueError`` naming the field).
 """
 
 from __future__ import annotations
@@ -132,9 +134,26 @@ def _int(cur: _Lines, key: str, value: str) -> int:
 
 def _float(cur: _Lines, key: str, value: str) -> float:
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         raise cur.error(f"field '{key}': {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise cur.error(f"field '{key}': {value!r} is not a finite number")
+    return x
+
+
+def _first_non_finite(values: list[float]) -> int | None:
+    """Index of the first nan/inf of ``values``, or ``None``."""
+    return next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
+
+
+def _check_finite(path: str, line: int, key: str, values: list[float]) -> None:
+    k = _first_non_finite(values)
+    if k is not None:
+        raise MTPFormatError(
+            f"{path}:{line}: field '{key}': value {k + 1} of {len(values)} is {values[k]!r} "
+            "(coefficients must be finite numbers)"
+        )
 
 
 def _tuples(cur: _Lines, key: str, value: str, width: int) -> list[tuple[int, ...]]:
@@ -319,6 +338,13 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
         potential_name=values.get("potential_name"),
         potential_tag=values.get("potential_tag"),
     )
+    if not mtp.min_dist > 0:
+        raise at("min_dist").error(f"field 'min_dist': must be positive, got {mtp.min_dist!r}")
+    if not mtp.max_dist > mtp.min_dist:
+        raise at("max_dist").error(
+            f"field 'max_dist': the cutoff must be larger than min_dist = {mtp.min_dist!r}, "
+            f"got {mtp.max_dist!r}"
+        )
     if "scaling" in values:
         mtp.scaling = _float(at("scaling"), "scaling", values["scaling"])
     if "radial_scaling" in values:
@@ -344,6 +370,7 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
     for key, n in expected.items():
         vals = _numbers(at(key), key, values[key])
         _expect_count(at(key), key, len(vals), n, "values")
+        _check_finite(path, lines_of[key], key, vals)
         setattr(mtp, key, vals)
     if len(radial_rows) != n_mu:
         raise MTPFormatError(
@@ -356,6 +383,7 @@ def read_mtp(path: str | os.PathLike) -> MTPFile:
                 f"{path}:{lineno}: field 'radial_coeffs': row has {len(row)} values, "
                 f"expected radial_basis_size + species_count = {R + C}"
             )
+        _check_finite(path, lineno, "radial_coeffs", row)
     mtp.radial_coeffs = radial_rows
     return mtp
 
@@ -372,8 +400,42 @@ def _ilist(entries) -> str:
     return "{" + ", ".join("{" + ", ".join(str(int(v)) for v in e) + "}" for e in entries) + "}"
 
 
+def check_finite(mtp: MTPFile) -> None:
+    """Refuse an ``MTPFile`` with a nan/inf number (ValueError naming the field and the entry)
+    or a cutoff that is not ``0 < min_dist < max_dist``."""
+    scalars = {"scaling": mtp.scaling, "min_dist": mtp.min_dist, "max_dist": mtp.max_dist}
+    if mtp.radial_scaling is not None:
+        scalars["scaling (radial basis)"] = mtp.radial_scaling
+    for key, value in scalars.items():
+        if not math.isfinite(value):
+            raise ValueError(f"field '{key}' is {value!r}: a .mtp file holds finite numbers only")
+    if not 0 < mtp.min_dist < mtp.max_dist:
+        raise ValueError(
+            f"fields 'min_dist' = {mtp.min_dist!r} and 'max_dist' = {mtp.max_dist!r}: "
+            "need 0 < min_dist < max_dist"
+        )
+    blocks = {
+        "shift_coeffs": mtp.shift_coeffs,
+        "scal_coeffs": mtp.scal_coeffs,
+        "species_coeffs": mtp.species_coeffs,
+        "moment_coeffs": mtp.moment_coeffs,
+    }
+    for row, values in enumerate(mtp.radial_coeffs or []):
+        blocks[f"radial_coeffs row {row + 1}"] = values
+    for key, values in blocks.items():
+        k = None if values is None else _first_non_finite([float(v) for v in values])
+        if k is not None:
+            raise ValueError(
+                f"field '{key}': value {k + 1} of {len(values)} is {float(values[k])!r}: "
+                "a .mtp file holds finite numbers only"
+            )
+
+
 def format_mtp(mtp: MTPFile) -> str:
-    """The text of an ``.mtp`` file in the original writer's layout (no final newline)."""
+    """The text of an ``.mtp`` file in the original writer's layout (no final newline).
+
+    Raises ``ValueError`` (naming the field) for a nan/inf number or an invalid cutoff."""
+    check_finite(mtp)
     lines = ["MTP", f"version = {mtp.version}"]
     if mtp.potential_name is not None:
         lines.append(f"potential_name = {mtp.potential_name}")

@@ -41,12 +41,17 @@ class LammpsResult:
 @dataclass
 class SinglePoint:
     """LAMMPS's energy (eV), per-atom energies, forces (eV/A, input atom order) and virial
-    (eV, 3x3, the sign of NequIP's ``virial`` = -V * ASE stress)."""
+    (eV, 3x3, the sign of NequIP's ``virial`` = -V * ASE stress). With ``per_atom_virial``:
+    ``atom_virials`` (``compute stress/atom``) and ``centroid_virials`` (``compute
+    centroid/stress/atom``), ``[N, 3, 3]`` in eV with the same sign; the first is symmetric,
+    both sum to ``virial``."""
 
     energy: float
     energies: np.ndarray
     forces: np.ndarray
     virial: np.ndarray
+    atom_virials: np.ndarray | None = None
+    centroid_virials: np.ndarray | None = None
 
 
 def write_lammps_data(atoms, path: str | os.PathLike, species: Sequence[str]) -> Path:
@@ -128,13 +133,22 @@ def single_point(
     ranks: int = 1,
     newton: bool = True,
     threads: int | None = 1,
+    per_atom_virial: bool = False,
 ) -> SinglePoint:
     """Energy, per-atom energies, forces and virial of ``atoms`` from ``pair_style sus2`` with
-    ``model`` (``--target pair_sus2``); ``species``: the model type name of each LAMMPS type."""
+    ``model`` (``--target pair_sus2``); ``species``: the model type name of each LAMMPS type.
+    ``per_atom_virial``: also the per-atom virials (see :class:`SinglePoint`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_lammps_data(atoms, workdir / "structure.data", species)
     vir = " ".join(f"$(c_vir[{k}]:%.17g)" for k in range(1, 7))
+    atom_computes, atom_columns = "", ""
+    if per_atom_virial:
+        atom_computes = (
+            "compute s_atom all stress/atom NULL virial\n"
+            "compute c_atom all centroid/stress/atom NULL virial\n"
+        )
+        atom_columns = " c_s_atom[*] c_c_atom[*]"
     text = f"""\
 plugin load {Path(plugin).resolve()}
 units metal
@@ -146,7 +160,7 @@ pair_style sus2
 pair_coeff * * {Path(model).resolve()} {" ".join(species)}
 compute pe_atom all pe/atom
 compute vir all pressure NULL virial
-dump forces all custom 1 forces.dump id fx fy fz c_pe_atom
+{atom_computes}dump forces all custom 1 forces.dump id fx fy fz c_pe_atom{atom_columns}
 dump_modify forces sort id format float %.17g
 thermo_style custom step pe c_vir[*] vol
 run 0
@@ -161,7 +175,16 @@ print "SUS2_RESULT $(pe:%.17g) $(vol:%.17g) {vir}"
     w = np.array(p) * volume / NKTV2P_METAL  # xx yy zz xy xz yz
     virial = np.array([[w[0], w[3], w[4]], [w[3], w[1], w[5]], [w[4], w[5], w[2]]])
     rows = _read_dump(workdir / "forces.dump")
-    return SinglePoint(energy, rows[:, 4], rows[:, 1:4], virial)
+    point = SinglePoint(energy, rows[:, 4], rows[:, 1:4], virial)
+    if per_atom_virial:
+        # LAMMPS's per-atom "stress" is -(per-atom virial) in pressure * volume units
+        s = -rows[:, 5:11] / NKTV2P_METAL  # xx yy zz xy xz yz
+        point.atom_virials = np.stack([s[:, [0, 3, 4]], s[:, [3, 1, 5]], s[:, [4, 5, 2]]], axis=1)
+        c = -rows[:, 11:20] / NKTV2P_METAL  # xx yy zz xy xz yz yx zx zy
+        point.centroid_virials = np.stack(
+            [c[:, [0, 3, 4]], c[:, [6, 1, 5]], c[:, [7, 8, 2]]], axis=1
+        )
+    return point
 
 
 def _read_dump(path: Path) -> np.ndarray:

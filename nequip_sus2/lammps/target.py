@@ -13,16 +13,28 @@ This is exactly the contract of ``pair_allegro`` (nequip-allegro), so a ``pair_s
 runs under ``pair_style allegro`` of ``pair_nequip_allegro``; it is registered here so that
 compiling does not need nequip-allegro. Only strictly local models (SUS2 is) give correct
 results with it.
+
+``--target pair_sus2_grade`` is the same plus the per-atom extrapolation grade
+``sus2_extrapolation_grade`` ``[N, 1]`` (models with an active set, see ``nequip-sus2
+active-set``); ``pair_style sus2`` then reports the grade and can select or stop on it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PAIR_SUS2_TARGET", "PAIR_SUS2_INPUTS", "ghost_atom_data", "register_compile_target"]
+__all__ = [
+    "PAIR_SUS2_GRADE_TARGET",
+    "PAIR_SUS2_INPUTS",
+    "PAIR_SUS2_TARGET",
+    "ghost_atom_data",
+    "register_compile_target",
+]
 
 #: ``nequip-compile --target`` name for ``pair_style sus2`` (and ``pair_style allegro``)
 PAIR_SUS2_TARGET = "pair_sus2"
+#: ``pair_sus2`` plus the per-atom extrapolation grade (``pair_style sus2`` select / break)
+PAIR_SUS2_GRADE_TARGET = "pair_sus2_grade"
 #: the target's input fields, in the order the compiled model takes them
 PAIR_SUS2_INPUTS = ("pos", "edge_index", "atom_types")
 
@@ -70,7 +82,8 @@ def ghost_atom_data(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def register_compile_target() -> None:
-    """Register ``--target pair_sus2`` with ``nequip-compile`` (idempotent, light)."""
+    """Register ``--target pair_sus2`` and ``--target pair_sus2_grade`` with ``nequip-compile``
+    (idempotent, light)."""
     from nequip.scripts._compile_utils import (
         COMPILE_TARGET_DICT,
         LMP_OUTPUTS,
@@ -78,15 +91,23 @@ def register_compile_target() -> None:
         single_frame_batch_map_settings,
     )
 
-    if PAIR_SUS2_TARGET in COMPILE_TARGET_DICT:
+    from .._keys import EXTRAPOLATION_GRADE_KEY
+
+    outputs = {
+        PAIR_SUS2_TARGET: list(LMP_OUTPUTS),
+        PAIR_SUS2_GRADE_TARGET: [*LMP_OUTPUTS, EXTRAPOLATION_GRADE_KEY],
+    }
+    missing = {name: out for name, out in outputs.items() if name not in COMPILE_TARGET_DICT}
+    if not missing:
         return
     register_compile_targets(
         {
-            PAIR_SUS2_TARGET: {
+            name: {
                 "input": list(PAIR_SUS2_INPUTS),
-                "output": list(LMP_OUTPUTS),
+                "output": out,
                 "batch_map_settings": single_frame_batch_map_settings,
                 "data_settings": ghost_atom_data,
             }
+            for name, out in missing.items()
         }
     )

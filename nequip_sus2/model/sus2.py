@@ -29,6 +29,7 @@ from ..nn import (
     MomentContraction,
     UniversalPairScaling,
 )
+from ..nn.core import AddCoreEnergy, RepulsiveCore, core_radius_table
 from ..program import ContractionProgram, generate_program
 
 #: atoms per cubic Angstrom assumed for the radial scaling when ``avg_num_neighbors`` is unknown
@@ -111,6 +112,32 @@ def _per_type(value, type_names: Sequence[str], what: str):
     return dict(zip(type_names, values, strict=True))
 
 
+def repulsive_core_options(
+    repulsive_core: float | dict[str, float] | str | bool | None,
+    width: float,
+    type_names: Sequence[str],
+    min_dist: float,
+) -> dict | None:
+    """The :class:`~nequip_sus2.nn.core.RepulsiveCore` arguments of a builder's
+    ``repulsive_core`` (``None``/``False``: no core; ``"min_dist"``/``True``: the model's
+    ``min_dist`` for every pair; a float; or ``{"A-B": r, ..., "default": r}``)."""
+    if repulsive_core is None or repulsive_core is False:
+        return None
+    if repulsive_core is True or repulsive_core == "min_dist":
+        repulsive_core = float(min_dist)
+    elif isinstance(repulsive_core, str):
+        raise ValueError(
+            f"repulsive_core must be 'min_dist', a radius or a {{'A-B': radius}} mapping, "
+            f"got {repulsive_core!r}"
+        )
+    if not isinstance(repulsive_core, (int, float)):
+        repulsive_core = dict(repulsive_core)  # an OmegaConf DictConfig from a config
+    return {
+        "inner_radius": core_radius_table(repulsive_core, type_names),
+        "width": float(width),
+    }
+
+
 def _assemble(
     *,
     r_max: float,
@@ -134,10 +161,16 @@ def _assemble(
     pair_potential: dict | None = None,
     do_derivatives: bool = True,
     mtp_info: dict | None = None,
+    repulsive_core: dict | None = None,
 ) -> ForceStressOutput:
     """Chain the SUS2 modules: scaling -> radial basis -> embedding -> moments -> readout."""
     modules: dict[str, torch.nn.Module] = {}
     prev = None
+    if repulsive_core is not None:
+        if pair_potential is not None:
+            raise ValueError("repulsive_core and pair_potential cannot be combined; choose one")
+        # first: ZBL from the true lengths, then the learned part sees the floored ones
+        modules["repulsive_core"] = prev = RepulsiveCore(type_names=type_names, **repulsive_core)
     if pair_potential is not None:
         # host pair potentials (e.g. ZBL) read the normalised edge length
         modules["edge_norm"] = prev = EdgeLengthNormalizer(r_max=r_max, type_names=type_names)
@@ -183,6 +216,8 @@ def _assemble(
         shifts_trainable=per_type_energy_shifts_trainable,
         irreps_in=prev.irreps_out,
     )
+    if repulsive_core is not None:
+        modules["repulsive_core_energy"] = prev = AddCoreEnergy(irreps_in=prev.irreps_out)
     if pair_potential is not None:
         modules["pair_potential"] = prev = instantiate(
             pair_potential, type_names=type_names, irreps_in=prev.irreps_out
@@ -217,6 +252,8 @@ def SUS2Model(
     element_embedding_trainable: bool = True,
     pair_potential: dict | None = None,
     do_derivatives: bool = True,
+    repulsive_core: float | dict[str, float] | str | bool | None = None,
+    repulsive_core_width: float = 0.5,
 ):
     r"""SUS2 model (Hu et al., PNAS 2025): energies, forces, and stresses/virials.
 
@@ -252,9 +289,19 @@ def SUS2Model(
             weights w (``False`` freezes the element embedding)
         pair_potential (dict): optional host pair potential, e.g. ``nequip.nn.pair_potential.ZBL``
         do_derivatives (bool): compute forces and stresses/virials by autograd (default ``True``)
+        repulsive_core: ZBL below the trained domain (:mod:`nequip_sus2.nn.core`): the inner
+            radius of every species pair, e.g. the shortest distances of the training data from
+            :func:`nequip_sus2.interop.shortest_pair_distances` as ``{"A-B": r, ...}`` (plus a
+            ``default``), one float for all pairs, or ``min_dist``; ``None`` (default): no core
+        repulsive_core_width (float): width w of the switch below each inner radius (default
+            0.5 Angstrom)
     """
-    if not r_max > 0:
-        raise ValueError(f"r_max must be positive, got {r_max}")
+    try:
+        r_max_ok = 0 < float(r_max) < math.inf
+    except (TypeError, ValueError):
+        r_max_ok = False
+    if not r_max_ok:
+        raise ValueError(f"r_max must be positive and finite, got {r_max!r}")
     if max_rank not in (1, 2, 3):
         raise ValueError(f"max_rank (L) must be 1, 2 or 3, got {max_rank}")
     if basis not in ("full_rank", "published"):
@@ -266,10 +313,13 @@ def SUS2Model(
     eta_of_mu = scaling_channel_of_mu(scaling_map, max_rank, n_mu)
     if min_dist is None:
         min_dist = 0.25 * r_max
-    if not 0 <= min_dist < r_max:
-        raise ValueError(f"min_dist must lie in [0, r_max = {r_max}), got {min_dist}")
+    if not 0 < min_dist < r_max:
+        raise ValueError(f"min_dist must lie in (0, r_max = {r_max}), got {min_dist!r}")
+    if radial_scaling is not None and not math.isfinite(radial_scaling):
+        raise ValueError(f"radial_scaling must be a finite number, got {radial_scaling!r}")
     if radial_scaling is None:
         radial_scaling = default_radial_scaling(r_max, avg_num_neighbors)
+    core = repulsive_core_options(repulsive_core, repulsive_core_width, type_names, min_dist)
     return _assemble(
         r_max=r_max,
         type_names=type_names,
@@ -288,6 +338,7 @@ def SUS2Model(
         pair_potential=pair_potential,
         do_derivatives=do_derivatives,
         mtp_info={"L": max_rank, "scaling_map": scaling_map, "min_dist": float(min_dist)},
+        repulsive_core=core,
     )
 
 
@@ -368,6 +419,8 @@ def SUS2FromMTP(
     pair_potential: dict | None = None,
     do_derivatives: bool = True,
     compile_mode: str | None = None,
+    repulsive_core: float | dict[str, float] | str | bool | None = None,
+    repulsive_core_width: float = 0.5,
 ):
     """A SUS2 model with exactly the parameters and program of a published ``.mtp`` file.
 
@@ -377,6 +430,12 @@ def SUS2FromMTP(
     model; ``pair_scaling_trainable: false`` freezes alpha and r0 as the original fine-tuning does,
     ``element_embedding_trainable: false`` freezes the radial coefficients and species weights.
     The ``.mtp`` file must stay at ``mtp_path`` for checkpoints that refer to it.
+
+    ``repulsive_core: min_dist`` adds ZBL below the file's ``min_dist`` (the shortest distance
+    the model was fitted for) and floors the distances the learned part sees there
+    (:mod:`nequip_sus2.nn.core`); a float or ``{"A-B": r, ...}`` sets the inner radii directly,
+    ``repulsive_core_width`` the width of the switch (default 0.5 Angstrom). Predictions at
+    distances at or beyond the inner radii are unchanged.
     """
     mtp = read_mtp(mtp_path)
     type_names = list(type_names)
@@ -386,6 +445,9 @@ def SUS2FromMTP(
             f"were given ({' '.join(type_names)})"
         )
     extra = {} if compile_mode is None else {"compile_mode": compile_mode}
+    core = repulsive_core_options(repulsive_core, repulsive_core_width, type_names, mtp.min_dist)
+    if core is not None:
+        extra["repulsive_core"] = core
     return _SUS2FromParameters(
         seed=seed,
         model_dtype=model_dtype,

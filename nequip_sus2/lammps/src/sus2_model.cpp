@@ -28,6 +28,7 @@ const char *const kPerEdgeTypeCutoff = "per_edge_type_cutoff";
 
 const std::vector<std::string> kExpectedInputs = {"pos", "edge_index", "atom_types"};
 const std::vector<std::string> kExpectedOutputs = {"atomic_energy", "forces", "virial"};
+const char *const kGrade = "sus2_extrapolation_grade";
 
 std::vector<std::string> words(const std::string &text)
 {
@@ -105,7 +106,7 @@ ModelInfo check_metadata(const std::string &path, const Metadata &metadata)
                      info.inputs + "; outputs: " + info.outputs + ")" + hint +
                      ", but pair_style sus2 needs a strictly local model compiled with "
                      "`nequip-compile MODEL OUT.nequip.pt2 --mode aotinductor --device cpu "
-                     "--target pair_sus2` (or --target pair_allegro)");
+                     "--target pair_sus2` (or pair_sus2_grade, or pair_allegro)");
   }
   info.type_names = words(get(metadata, path, kTypeNames));
   if (info.type_names.empty()) throw ModelError(path + " lists no model type names");
@@ -119,6 +120,7 @@ ModelInfo check_metadata(const std::string &path, const Metadata &metadata)
   if (metadata.count(kPerEdgeTypeCutoff))
     throw ModelError(path +
                      " uses per-edge-type cutoffs, which pair_style sus2 does not support");
+  info.has_grade = contains(outputs, kGrade);
   info.device = get(metadata, path, kDevice);
   auto dtype = metadata.find(kDtype);
   info.model_dtype = dtype == metadata.end() ? "unknown" : dtype->second;
@@ -128,7 +130,7 @@ ModelInfo check_metadata(const std::string &path, const Metadata &metadata)
 struct Model::Impl {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   c10::Device device{c10::kCPU};
-  int out_energy = -1, out_forces = -1, out_virial = -1;
+  int out_energy = -1, out_forces = -1, out_virial = -1, out_grade = -1;
 };
 
 Model::Model(const std::string &path) : impl_(std::make_unique<Impl>())
@@ -141,6 +143,7 @@ Model::Model(const std::string &path) : impl_(std::make_unique<Impl>())
   impl_->out_energy = index("atomic_energy");
   impl_->out_forces = index("forces");
   impl_->out_virial = index("virial");
+  if (info_.has_grade) impl_->out_grade = index(kGrade);
   try {
     impl_->device = c10::Device(info_.device);
     impl_->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model");
@@ -158,7 +161,7 @@ Model::~Model() = default;
 
 void Model::evaluate(const double *pos, const int64_t *types, int64_t n, const int64_t *edges,
                      int64_t e, std::vector<double> &energy, std::vector<double> &forces,
-                     double virial[9])
+                     double virial[9], std::vector<double> &grade)
 {
   std::vector<at::Tensor> out;
   try {
@@ -185,6 +188,10 @@ void Model::evaluate(const double *pos, const int64_t *types, int64_t n, const i
     energy.assign(te.data_ptr<double>(), te.data_ptr<double>() + n);
     forces.assign(tf.data_ptr<double>(), tf.data_ptr<double>() + 3 * n);
     std::copy(tv.data_ptr<double>(), tv.data_ptr<double>() + 9, virial);
+    if (impl_->out_grade >= 0) {
+      at::Tensor tg = host(impl_->out_grade, n, "sus2_extrapolation_grade");
+      grade.assign(tg.data_ptr<double>(), tg.data_ptr<double>() + n);
+    }
   } catch (const c10::Error &err) {
     throw ModelError("model evaluation failed (" + std::to_string(n) + " atoms, " +
                      std::to_string(e) + " edges): " +

@@ -30,6 +30,7 @@ struct ModelInfo {
   std::string device;                   // "cpu", "cuda", ...
   std::string model_dtype;              // "float32" or "float64"
   std::string inputs, outputs;          // nequip's field lists, space-separated
+  bool has_grade = false;               // outputs the per-atom extrapolation grade
 };
 
 /* Metadata of a .nequip.pt2 file (the AOTInductor package's metadata dictionary). */
@@ -49,10 +50,11 @@ class Model {
   const ModelInfo &info() const { return info_; }
 
   /* One evaluation. pos: [n, 3]; types: [n]; edges: [2, e] (row 0 = centres, row 1 =
-     neighbours). Fills energy [n], forces [n, 3] (row-major) and virial [3, 3]. */
+     neighbours). Fills energy [n], forces [n, 3] (row-major) and virial [3, 3]; and grade [n]
+     when the model has one (info().has_grade; grade is left untouched otherwise). */
   void evaluate(const double *pos, const int64_t *types, int64_t n, const int64_t *edges,
                 int64_t e, std::vector<double> &energy, std::vector<double> &forces,
-                double virial[9]);
+                double virial[9], std::vector<double> &grade);
 
  private:
   struct Impl;
