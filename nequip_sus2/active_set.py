@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ._argtypes import positive
 from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
 
 __all__ = [
@@ -995,20 +996,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _new_parser(prog: str, description: str, example: str) -> _ArgumentParser:
     return _ArgumentParser(
         prog=prog,
@@ -1022,11 +1009,11 @@ def _add_common(parser: argparse.ArgumentParser, output_help: str) -> None:
     parser.add_argument("-o", "--output", metavar="OUT", help=f"{output_help} (required)")
     parser.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # older spelling
     parser.add_argument(
-        "--tol", type=_positive(float), default=1e-3, help="MaxVol tolerance (default 1e-3)"
+        "--tol", type=positive(float), default=1e-3, help="MaxVol tolerance (default 1e-3)"
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive(int),
+        type=positive(int),
         default=8,
         help="structures per batch (default 8); the results do not depend on it",
     )
@@ -1184,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_common(parser, "output .ckpt (from a checkpoint) or .nequip.zip")
     parser.add_argument(
         "--rank-rtol",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         help="relative singular value cutoff of the span (1e-4 float32, 1e-8 float64 models)",
     )

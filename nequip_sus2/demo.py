@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._argtypes import at_least, positive
+
 DESCRIPTION = (
     "The tutorial end to end, all in one output folder: generate a 7-element EMT alloy data "
     "set, train SUS2 with nequip-train and the shipped tutorial.yaml, report the test-set "
@@ -231,29 +233,6 @@ def run_md(
     }
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options (shared by ``nequip-sus2 demo`` and ``python -m nequip_sus2.demo``)."""
     parser.add_argument(
@@ -269,31 +248,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--structures",
-        type=_int_at_least(20),
+        type=at_least(int, 20),
         default=600,
         metavar="N",
         help="EMT structures to generate (80/10/10 %% train/val/test split; default 600)",
     )
     parser.add_argument(
         "--epochs",
-        type=_int_at_least(1),
+        type=at_least(int, 1),
         default=None,
         metavar="N",
         help="training epochs (default: max_epochs of tutorial.yaml)",
     )
     parser.add_argument(
-        "--nvt-steps", type=_int_at_least(0), default=300, metavar="N", help="default 300"
+        "--nvt-steps", type=at_least(int, 0), default=300, metavar="N", help="default 300"
     )
     parser.add_argument(
         "--nve-steps",
-        type=_int_at_least(20),
+        type=at_least(int, 20),
         default=700,
         metavar="N",
         help="default 700 (the energy drift is fitted to every 10th step)",
     )
     parser.add_argument(
         "--temperature",
-        type=_positive_float,
+        type=positive(float),
         default=600.0,
         metavar="K",
         help="MD temperature in K (default 600)",

@@ -16,7 +16,16 @@ from ase.data import chemical_symbols
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from nequip_sus2.io.cfg import VOIGT_ORDER, CfgFormatError, CfgFrame, iter_cfg, read_cfg, write_cfg
+from nequip_sus2.io.cfg import (
+    MIN_CELL_MEASURE,
+    VOIGT_ORDER,
+    CfgFormatError,
+    CfgFrame,
+    cell_measure,
+    iter_cfg,
+    read_cfg,
+    write_cfg,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"
@@ -349,14 +358,7 @@ def cfg_frames(draw: st.DrawFn, floats: st.SearchStrategy[float] = finite) -> Cf
             if flag:
                 cell[i] = draw(st.lists(floats, min_size=3, max_size=3).filter(any))
         # singular periodic cells are refused (MIN_CELL_MEASURE); keep the regular ones
-        # (volume for 3 periodic rows, else area or length: sqrt(det(A A^T)))
-        rows = cell[np.array(periodic)]
-        with np.errstate(all="ignore"):
-            if len(rows) == 3:
-                measure = abs(float(np.linalg.det(rows)))
-            else:
-                measure = float(np.sqrt(abs(np.linalg.det(rows @ rows.T))))
-        assume(not measure < 1e-8)
+        assume(not cell_measure(cell, np.array(periodic)) < MIN_CELL_MEASURE)
     extra_names = draw(st.lists(column_name, max_size=2, unique=True))
     return CfgFrame(
         types=np.array(draw(st.lists(st.integers(0, 60), min_size=n, max_size=n)), dtype=int),

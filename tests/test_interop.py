@@ -35,7 +35,7 @@ from nequip_sus2.interop import (
     read_type_names,
     write_package,
 )
-from nequip_sus2.io.cfg import CfgFrame, read_cfg, write_cfg
+from nequip_sus2.io.cfg import MIN_CELL_MEASURE, CfgFrame, cell_measure, read_cfg, write_cfg
 from nequip_sus2.io.mtp import format_mtp, read_mtp, write_mtp
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
 from nequip_sus2.program import generate_program
@@ -432,13 +432,7 @@ def frames(draw) -> CfgFrame:
                 cell[i] = draw(st.lists(number, min_size=3, max_size=3).filter(any))
         cell = cell if cell.any() else None
         if cell is not None:  # singular periodic cells are refused: keep the regular ones
-            rows = cell[np.any(cell != 0, axis=1)]
-            with np.errstate(all="ignore"):
-                if len(rows) == 3:
-                    measure = abs(float(np.linalg.det(rows)))
-                else:
-                    measure = float(np.sqrt(abs(np.linalg.det(rows @ rows.T))))
-            assume(not measure < 1e-8)
+            assume(not cell_measure(cell, np.any(cell != 0, axis=1)) < MIN_CELL_MEASURE)
     keys = draw(st.lists(feature_key, max_size=3, unique=True))
     features = [(k, draw(feature_value)) for k in keys for _ in range(draw(st.integers(1, 2)))]
     return CfgFrame(

@@ -107,10 +107,10 @@ def test_demo_print_config_dir(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--structures", "5"], "argument --structures: 5 is below the minimum 20"),
-        (["--epochs", "0"], "argument --epochs: 0 is below the minimum 1"),
-        (["--nve-steps", "x"], "argument --nve-steps: 'x' is not an integer"),
-        (["--temperature", "-3"], "argument --temperature: -3.0 is not positive"),
+        (["--structures", "5"], "argument --structures: must be at least 20, got 5"),
+        (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+        (["--nve-steps", "x"], "argument --nve-steps: expected an integer, got 'x'"),
+        (["--temperature", "-3"], "argument --temperature: must be positive, got -3"),
     ],
 )
 def test_demo_bad_arguments(args, message, capsys):
