@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from ._argtypes import positive
+from ._console import one_line, progress_bar
 from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
 
 __all__ = [
@@ -185,7 +186,7 @@ def _read_structures(path: str | os.PathLike, type_names: Sequence[str] | None) 
         try:
             structures = list(read(path, index=":"))
         except Exception as e:  # ASE's readers raise all sorts of errors on a malformed file
-            raise ValueError(f"{path}: cannot read structures ({_one_line(e)})") from e
+            raise ValueError(f"{path}: cannot read structures ({one_line(e)})") from e
         # nan/inf numbers and singular cells (with line numbers for extxyz)
         line: int | None = 1 if path.lower().endswith((".xyz", ".extxyz")) else None
         for index, atoms in enumerate(structures):
@@ -195,19 +196,6 @@ def _read_structures(path: str | os.PathLike, type_names: Sequence[str] | None) 
     if not structures:
         raise ValueError(f"{path}: no structures in the file")
     return structures
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
-def _progress(progress: bool | None, **kwargs):
-    """A tqdm bar on stderr: ``progress`` True/False shows/hides it, ``None`` shows it when
-    stderr is a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=None if progress is None else not progress, leave=False, **kwargs)
 
 
 def structures_to_data(
@@ -235,8 +223,8 @@ def structures_to_data(
     mapper = None
     out = []
     structures = list(structures)
-    with _progress(
-        progress, total=len(structures), desc="neighbour lists", unit="structure"
+    with progress_bar(
+        progress, leave=False, total=len(structures), desc="neighbour lists", unit="structure"
     ) as bar:
         for index, s in enumerate(structures):
             bar.update()
@@ -370,7 +358,9 @@ def compute_scalar_basis(
         )
     device = next(iter(gm.parameters())).device
     rows, types, frames, atoms = [], [], [], []
-    bar = _progress(progress, total=len(data), desc="scalar basis", unit="structure")
+    bar = progress_bar(
+        progress, leave=False, total=len(data), desc="scalar basis", unit="structure"
+    )
     with torch.no_grad(), bar:
         for start in range(0, len(data), batch_size):
             chunk = list(data[start : start + batch_size])
@@ -1073,7 +1063,7 @@ def _load_sus2_model(path: str, need_grade: bool = False):
         with _quiet_packaging():
             model = load_model(path)
     except Exception as e:  # torch/zip/pickle/hydra: anything means the file is not a model
-        raise _CommandError(f"{path}: cannot load the model ({_one_line(e)})") from e
+        raise _CommandError(f"{path}: cannot load the model ({one_line(e)})") from e
     try:
         gm = _graph_model(model)
         _moments_networks(gm)
@@ -1097,7 +1087,7 @@ def _read_data(path: str, type_names: Sequence[str]) -> list:
 
 def _structure_error(path: str, error: ValueError) -> _CommandError:
     """A ``structures_to_data`` error (``structure K: ...``) with the file named."""
-    text = _one_line(error)
+    text = one_line(error)
     return _CommandError(text if text.startswith(path) else f"{path}: {text}")
 
 
@@ -1109,7 +1099,7 @@ def _run(prog: str, body, args: argparse.Namespace) -> int:
         if isinstance(e, OSError) and e.filename is not None:
             message = f"{e.filename}: {e.strerror or e}"
         else:
-            message = _one_line(e)
+            message = one_line(e)
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 

@@ -950,25 +950,6 @@ def _write_atomically(out: Path, chunks) -> int:
     return count
 
 
-def _progress_bar(progress: bool | None, src: str, count=None):
-    """A tqdm bar on stderr over the configurations of ``src`` (``progress``: ``None`` = only
-    when stderr is a terminal, as tqdm's ``disable=None``); ``count()`` gives the total, called
-    only when the bar is shown."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    shown = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(
-        total=count() if shown and count is not None else None,
-        desc=os.path.basename(src),
-        unit="cfg",
-        file=sys.stderr,
-        disable=not shown,
-        dynamic_ncols=True,
-    )
-
-
 def cfg_to_extxyz(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -987,17 +968,16 @@ def cfg_to_extxyz(
     names = _check_names(list(type_names), "type_names", symbols=True)
 
     def frames():
-        with _progress_bar(progress, src, lambda: len(_begin_lines(src))) as bar:
-            index = -1
-            for index, frame in enumerate(iter_cfg(src)):
-                check_type_range(frame, index, src, names)
-                try:
-                    yield _extxyz_frame(frame.to_atoms(names))
-                except InteropError as e:
-                    raise cfg_error(src, index, "Feature", str(e)) from None
-                bar.update()
-            if index < 0:
-                raise InteropError(f"{src}: no configurations (no BEGIN_CFG line)")
+        index = -1
+        cfgs = _with_progress(iter_cfg(src), src, os.path.basename(src), progress)
+        for index, frame in enumerate(cfgs):
+            check_type_range(frame, index, src, names)
+            try:
+                yield _extxyz_frame(frame.to_atoms(names))
+            except InteropError as e:
+                raise cfg_error(src, index, "Feature", str(e)) from None
+        if index < 0:
+            raise InteropError(f"{src}: no configurations (no BEGIN_CFG line)")
 
     return _write_atomically(Path(out), frames())
 
@@ -1026,29 +1006,29 @@ def extxyz_to_cfg(
         line = 1
         try:
             images = ase.io.iread(src, index=":", format="extxyz")
-            with _progress_bar(progress, src) as bar:
-                for index, atoms in enumerate(images):
-                    for key, value in list(atoms.info.items()):
-                        if isinstance(value, np.ndarray) and value.dtype.kind in "US":
-                            atoms.info[key] = [str(v) for v in value.ravel()]
-                        elif key != "virial" and not (
-                            isinstance(value, str)
-                            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-                        ):
-                            dropped.add(f"info[{key!r}]")
-                    dropped.update(
-                        f"arrays[{k!r}]"
-                        for k in atoms.arrays
-                        if k not in ("numbers", "positions", "forces") and not k.startswith("cfg_")
-                    )
-                    check_extxyz_frame(atoms, src, line, index)
-                    try:
-                        frame = CfgFrame.from_atoms(atoms, names)
-                    except ValueError as e:
-                        raise InteropError(f"{src}:{line}: frame {index}: {e}") from None
-                    line += len(atoms) + 2
-                    yield frame
-                    bar.update()
+            for index, atoms in enumerate(
+                _with_progress(images, src, os.path.basename(src), progress)
+            ):
+                for key, value in list(atoms.info.items()):
+                    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+                        atoms.info[key] = [str(v) for v in value.ravel()]
+                    elif key != "virial" and not (
+                        isinstance(value, str)
+                        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                    ):
+                        dropped.add(f"info[{key!r}]")
+                dropped.update(
+                    f"arrays[{k!r}]"
+                    for k in atoms.arrays
+                    if k not in ("numbers", "positions", "forces") and not k.startswith("cfg_")
+                )
+                check_extxyz_frame(atoms, src, line, index)
+                try:
+                    frame = CfgFrame.from_atoms(atoms, names)
+                except ValueError as e:
+                    raise InteropError(f"{src}:{line}: frame {index}: {e}") from None
+                line += len(atoms) + 2
+                yield frame
         except InteropError:
             raise
         except KeyError as e:  # ASE: an unknown chemical symbol in the species column
@@ -1313,9 +1293,9 @@ def _read_data(path: str, type_names: Sequence[str]):
 def _with_progress(items, path: str, desc: str, progress: bool | None):
     """``items`` with a tqdm bar on stderr (``progress`` None: only when stderr is a terminal;
     the total is the number of ``BEGIN_CFG`` lines of a ``.cfg`` file)."""
-    from tqdm.auto import tqdm
+    from ._console import progress_bar
 
-    bar = tqdm(desc=desc, unit="cfg", disable=None if progress is None else not progress)
+    bar = progress_bar(progress, desc=desc, unit="cfg", dynamic_ncols=True)
     try:
         if not bar.disable and path.lower().endswith(".cfg"):
             bar.total = len(_begin_lines(path))

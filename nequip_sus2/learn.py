@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ._console import one_line
+
 __all__ = [
     "LearnError",
     "LearnSettings",
@@ -179,7 +181,7 @@ def load_labeller(spec: str | Callable[[], Any] | Any) -> Callable[[], Any]:
             obj: Any = importlib.import_module(module_name)
         except Exception as e:  # ImportError, or any error raised while importing it
             raise LearnError(
-                f"argument --labeller: cannot import module {module_name!r} ({_one_line(e)})"
+                f"argument --labeller: cannot import module {module_name!r} ({one_line(e)})"
             ) from e
         for part in attr.split("."):
             if not hasattr(obj, part):
@@ -194,7 +196,7 @@ def load_labeller(spec: str | Callable[[], Any] | Any) -> Callable[[], Any]:
         calc = factory()
     except Exception as e:
         raise LearnError(
-            f"argument --labeller: {spec!r} failed to make a calculator ({_one_line(e)})"
+            f"argument --labeller: {spec!r} failed to make a calculator ({one_line(e)})"
         ) from e
     if not hasattr(calc, "get_potential_energy"):
         raise LearnError(
@@ -220,7 +222,7 @@ def label_structures(structures: Sequence[Any], factory: Callable[[], Any]) -> l
                 results["stress"] = a.get_stress()
         except Exception as e:
             raise TrainingFailed(
-                f"the labeller failed on selected structure {index} ({_one_line(e)})"
+                f"the labeller failed on selected structure {index} ({one_line(e)})"
             ) from e
         a.calc = SinglePointCalculator(a, **results)
         out.append(a)
@@ -232,18 +234,13 @@ def label_structures(structures: Sequence[Any], factory: Callable[[], Any]) -> l
 # ----------------------------------------------------------------------------------------------
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
 def _read_atoms(path: str | os.PathLike, what: str) -> list:
     from ase.io import read
 
     try:
         structures = list(read(os.fspath(path), index=":"))
     except Exception as e:  # ASE's readers raise anything on a malformed file
-        raise LearnError(f"{path}: cannot read {what} ({_one_line(e)})") from e
+        raise LearnError(f"{path}: cannot read {what} ({one_line(e)})") from e
     if not structures:
         raise LearnError(f"{path}: no structures in the file ({what})")
     return structures
@@ -276,7 +273,7 @@ def _compose_check(config: str, data_key: str, overrides: Sequence[str], extra: 
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             cfg = compose(config_name=path.name, overrides=list(overrides))
     except Exception as e:  # hydra/omegaconf: a broken file or override
-        raise LearnError(f"{config}: cannot compose the config ({_one_line(e)})") from e
+        raise LearnError(f"{config}: cannot compose the config ({one_line(e)})") from e
     finally:
         GlobalHydra.instance().clear()
     tree = OmegaConf.to_container(cfg, resolve=False)
@@ -451,7 +448,7 @@ def _read_state(path: Path) -> dict | None:
     try:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LearnError(f"{path}: not a valid loop state ({_one_line(e)}){hint}") from e
+        raise LearnError(f"{path}: not a valid loop state ({one_line(e)}){hint}") from e
     if (
         not isinstance(state, dict)
         or state.get("version") != _STATE_VERSION
@@ -971,7 +968,7 @@ def _load_settings_file(path: str) -> dict[str, Any]:
         with open(path) as f:
             values = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise LearnError(f"{path}: not valid YAML ({_one_line(e)})") from e
+        raise LearnError(f"{path}: not valid YAML ({one_line(e)})") from e
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -1006,7 +1003,7 @@ def settings_from_args(args: argparse.Namespace) -> LearnSettings:
     try:
         settings = LearnSettings(**values)
     except TypeError as e:
-        raise LearnError(f"--settings: {_one_line(e)}") from e
+        raise LearnError(f"--settings: {one_line(e)}") from e
     for name, default in _OPTIONS.items():
         value = getattr(settings, name)
         kind = int if name == "max_select" else type(default)

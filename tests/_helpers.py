@@ -30,6 +30,18 @@ END_CFG
 """
 
 
+def assert_one_line_error(code: int, err: str, command: str, *parts: str) -> str:
+    """Exit status 2 and one stderr line ``nequip-sus2 COMMAND: error: ...`` holding ``parts``
+    (no traceback); returns the line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"nequip-sus2 {command}: error: "), err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
 def frame_data(types, positions, cell, r_max: float) -> AtomicDataDict.Type:
     """AtomicDataDict with a neighbour list for one structure (cell None = non-periodic)."""
     d = {"pos": np.asarray(positions, dtype=np.float64), "atom_types": np.asarray(types)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import build
+from _helpers import assert_one_line_error, build
 from ase import Atoms
 from ase.build import bulk
 from ase.io import read, write
@@ -171,11 +171,7 @@ def _run(func, argv, capsys) -> tuple[int, str]:
 
 def _assert_one_line_error(rc: int, err: str, prog: str, expected: str) -> None:
     lines = [line for line in err.splitlines() if "][INFO]" not in line]  # nequip's log lines
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"nequip-sus2 {prog}: error: "), err
-    assert expected in lines[0], err
-    assert "Traceback" not in err
+    assert_one_line_error(rc, "\n".join(lines), prog, expected)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _helpers import CU_SE_CFG
+from _helpers import CU_SE_CFG, assert_one_line_error
 from conftest import require_reference
 
 import nequip_sus2
@@ -53,17 +53,6 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, sub: str, *names: str) -> None:
-    """Exit status 2 and one stderr line ``nequip-sus2 SUB: error: ...`` naming ``names``."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"nequip-sus2 {sub}: error: "), err
-    for name in names:
-        assert name in lines[0], (name, err)
 
 
 @pytest.fixture

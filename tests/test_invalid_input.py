@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers import CU_SE_CFG
+from _helpers import CU_SE_CFG, assert_one_line_error
 from conftest import require_reference
 
 from nequip_sus2.cli import main
@@ -40,17 +40,6 @@ Se 1.8 1.8 0.25 -0.1 -0.2 -0.3
 def cli(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, command: str, *parts: str) -> str:
-    """Exit status 2 and one stderr line ``nequip-sus2 COMMAND: error: ...`` holding ``parts``."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"nequip-sus2 {command}: error: "), err
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
-    return lines[0]
 
 
 def replace_line(text: str, lineno: int, new: str) -> str:
