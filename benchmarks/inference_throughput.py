@@ -249,7 +249,7 @@ def training_throughput(
 
 
 def machine() -> dict:
-    from nequip_sus2.bench.runner import cpu_model
+    from nequip_sus2.bench.environment import cpu_model
 
     return {
         "cpu": cpu_model() or platform.processor() or platform.machine(),

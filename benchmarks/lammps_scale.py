@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="bench_output/lammps_scale")
     args = p.parse_args(argv)
 
-    from nequip_sus2.interop import _check_names, import_mtp_to_package, read_type_names
+    from nequip_sus2.io.mtp_model import import_mtp_to_package
+    from nequip_sus2.io.species import check_type_names, read_type_names
     from nequip_sus2.lammps.build import build_plugin
     from nequip_sus2.lammps.run import run_lammps
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.type_names_file:
             names = read_type_names(args.type_names_file)
         elif args.type_names:
-            names = _check_names(args.type_names, "--type-names")
+            names = check_type_names(args.type_names, "--type-names")
         else:
             p.error("--mtp needs --type-names or --type-names-file")
         stem = Path(args.mtp).stem

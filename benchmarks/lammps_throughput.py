@@ -45,7 +45,7 @@ TUTORIAL_SPECIES = ["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
 def machine() -> str:
     import torch
 
-    from nequip_sus2.bench.runner import cpu_model
+    from nequip_sus2.bench.environment import cpu_model
 
     cpu = cpu_model() or platform.processor() or "unknown CPU"
 
@@ -90,8 +90,8 @@ def tutorial_package(workdir: Path) -> Path:
         return path
     from nequip.utils.global_state import global_state_initialized, set_global_state
 
-    from nequip_sus2.interop import write_package
     from nequip_sus2.model import SUS2Model
+    from nequip_sus2.package import write_package
 
     if not global_state_initialized():
         set_global_state()
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     elif args.mtp:
         if not args.type_names:
             p.error("--mtp needs --type-names")
-        from nequip_sus2.interop import import_mtp_to_package
+        from nequip_sus2.io.mtp_model import import_mtp_to_package
 
         stem = Path(args.mtp).stem
         package = workdir / f"{stem}.nequip.zip"

@@ -2,16 +2,15 @@
 
 Imported by NequIP on start-up through the ``nequip.extension`` entry point, so this module stays
 light: models are reached through ``_target_: nequip_sus2.model.SUS2Model`` in configs. It only
-registers the compile targets ``sus2_ase`` (``ase`` plus the per-atom extrapolation grade) and
-``pair_sus2`` (multi-rank LAMMPS, the ``pair_allegro`` contract; see ``nequip_sus2.lammps``).
+registers the ``nequip-compile`` targets ``sus2_ase`` (``ase`` plus the per-atom extrapolation
+grade), ``pair_sus2`` and ``pair_sus2_grade`` (multi-rank LAMMPS, the ``pair_allegro``
+contract); see :mod:`nequip_sus2._compile`.
 """
 
-from .active_set import register_compile_targets as _register_compile_targets
-from .lammps.target import register_compile_target as _register_lammps_target
+from ._compile import register_compile_targets as _register_compile_targets
 
 __version__ = "0.1.0"
 
 _register_compile_targets()
-_register_lammps_target()
 
 __all__ = ["__version__"]

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+class UsageError(Exception):
+    """A problem with the command line itself (reported like argparse errors: one line, exit
+    status 2)."""
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (its type name when it has none)."""
     text = " ".join(str(error).split())

@@ -14,69 +14,57 @@ square matrix ``A_Z`` of maximal ``|det A_Z|``. A new environment ``b`` is then 
 * :func:`add_extrapolation_grade` inserts :class:`nequip_sus2.nn.ExtrapolationGrade` (static
   per-species ``A_Z^{-1}`` buffers) after ``moments``, so every forward pass also writes the
   per-atom field ``sus2_extrapolation_grade``; it survives checkpoints, packages and AOT compile.
-* :func:`write_model_with_grade` does both for a checkpoint or package and a data file
-  (extxyz or ``.cfg``) and writes a new checkpoint or package; :func:`main` is its command line.
+* :func:`nequip_sus2.graded_model.write_model_with_grade` does both for a saved model
+  (checkpoint or package); ``nequip-sus2 active-set`` is its command line.
 * :func:`select_add` picks, from candidate structures (e.g. saved during MD when the grade
   exceeded a threshold), those that extend the active set (like MLIP's ``select-add``).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
 import errno
-import logging
 import os
-import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
+import torch
+from ase.io import read as ase_read
+from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase, from_dict
+from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+from nequip.model import modify
+from scipy.linalg import qr
 
-from ._argtypes import positive
 from ._console import one_line, progress_bar
-from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
+from ._files import replacing
+from ._keys import SCALAR_BASIS_KEY
+from .io.cfg import CfgFrame, read_cfg
+from .io.datafile import check_extxyz_frame, check_type_range
+from .nn.extrapolation import (
+    GRADE_MODULE_NAME,
+    ExtrapolationGrade,
+    grade_modifier_config,
+    insert_extrapolation_grade,
+    moments_networks,
+)
 
 __all__ = [
     "ActiveSet",
     "MaxVolResult",
-    "SUS2_ASE_TARGET",
+    "active_set_from_basis",
     "add_extrapolation_grade",
     "build_active_set",
     "compute_scalar_basis",
     "default_rank_rtol",
-    "main",
     "maxvol",
-    "register_compile_targets",
     "select_add",
-    "select_add_main",
     "structures_to_data",
-    "write_model_with_grade",
+    "with_extrapolation_grade",
 ]
 
-#: ``nequip-compile --target`` for the ASE calculator with the extrapolation grade as an output
-SUS2_ASE_TARGET = "sus2_ase"
-_GRADE_MODULE_NAME = "extrapolation_grade"
-_PACKAGE_SUFFIX = ".nequip.zip"
 #: residual scale given to species without any training environment (gamma becomes huge)
 _ABSENT_SCALE = 1e-30
-
-
-def register_compile_targets() -> None:
-    """Register ``--target sus2_ase`` with ``nequip-compile`` (the ``ase`` target plus the
-    per-atom ``sus2_extrapolation_grade`` output). Light: safe to call from the extension's
-    ``__init__``; idempotent."""
-    from nequip.scripts._compile_utils import AOTI_ASE_TARGET, COMPILE_TARGET_DICT
-    from nequip.scripts._compile_utils import register_compile_targets as _register
-
-    if SUS2_ASE_TARGET in COMPILE_TARGET_DICT:
-        return
-    base = COMPILE_TARGET_DICT[AOTI_ASE_TARGET]
-    _register({SUS2_ASE_TARGET: {**base, "output": [*base["output"], _GRADE_KEY]}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,8 +87,6 @@ class MaxVolResult:
 
 def _initial_rows(X: np.ndarray) -> np.ndarray:
     """``r`` well-conditioned rows of ``X`` (``[n, r]``): column-pivoted QR of ``X^T``."""
-    from scipy.linalg import qr
-
     _, _, perm = qr(X.T, mode="economic", pivoting=True)
     return np.asarray(perm[: X.shape[1]], dtype=np.int64)
 
@@ -170,21 +156,14 @@ def _read_structures(path: str | os.PathLike, type_names: Sequence[str] | None) 
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "no such file", path)
     if path.endswith(".cfg"):
-        from .interop import check_type_range
-        from .io.cfg import read_cfg
-
         frames = read_cfg(path)
         if type_names is not None:
             for index, frame in enumerate(frames):
                 check_type_range(frame, index, path, list(type_names))
         structures: list = frames
     else:
-        from ase.io import read
-
-        from .interop import check_extxyz_frame
-
         try:
-            structures = list(read(path, index=":"))
+            structures = list(ase_read(path, index=":"))
         except Exception as e:  # ASE's readers raise all sorts of errors on a malformed file
             raise ValueError(f"{path}: cannot read structures ({one_line(e)})") from e
         # nan/inf numbers and singular cells (with line numbers for extxyz)
@@ -212,12 +191,6 @@ def structures_to_data(
     A species with no model type raises ``ValueError`` naming the structure (0-based index).
     ``progress``: tqdm bar over the structures (see :func:`compute_scalar_basis`).
     """
-    import torch
-    from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase, from_dict
-    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
-
-    from .io.cfg import CfgFrame
-
     type_names = list(type_names)
     species_map = chemical_species_to_atom_type_map or {t: t for t in type_names}
     mapper = None
@@ -283,17 +256,6 @@ def _graph_model(model):
     raise TypeError("expected a NequIP GraphModel")
 
 
-def _moments_networks(model) -> list:
-    """Every ``SequentialGraphNetwork`` in ``model`` that has a ``moments`` child."""
-    found = []
-    for module in model.modules():
-        if type(module).__name__ == "SequentialGraphNetwork" and "moments" in module._modules:
-            found.append(module)
-    if not found:
-        raise TypeError("not a SUS2 model: no SequentialGraphNetwork with a `moments` module")
-    return found
-
-
 def _batch(chunk: Sequence[dict]):
     """``chunk`` as one batch of the model's inputs.
 
@@ -303,9 +265,6 @@ def _batch(chunk: Sequence[dict]):
     cell shifts when batched with periodic ones, as ``nequip.data.from_ase`` gives them: the
     edge vectors, and so every per-atom result, are those of the structure on its own.
     """
-    import torch
-    from nequip.data import AtomicDataDict
-
     cell_keys = (AtomicDataDict.CELL_KEY, AtomicDataDict.EDGE_CELL_SHIFT_KEY)
     keep = (
         AtomicDataDict.POSITIONS_KEY,
@@ -342,15 +301,10 @@ def compute_scalar_basis(
     Periodic and non-periodic structures may be mixed in one batch. ``progress``: a tqdm bar on
     stderr over the structures (``None``: only when stderr is a terminal).
     """
-    import torch
-    from nequip.data import AtomicDataDict
-
-    from ._keys import SCALAR_BASIS_KEY
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     gm = _graph_model(model)
-    net = _moments_networks(gm)[0]
+    net = moments_networks(gm)[0]
     if getattr(net._modules["moments"], "fold_readout", False):
         raise ValueError(
             "the model runs with enable_fused_moments, which applies the readout inside the "
@@ -421,8 +375,6 @@ class ActiveSet:
 
     def module(self, irreps_in=None):
         """An :class:`nequip_sus2.nn.ExtrapolationGrade` holding this active set."""
-        from .nn.extrapolation import ExtrapolationGrade
-
         st = self.state()
         return ExtrapolationGrade(
             num_types=len(self.type_names),
@@ -435,8 +387,6 @@ class ActiveSet:
 
     def state(self) -> dict:
         """The grade module's buffers as tensors (``inverse``, ``residual``, ``residual_scale``)."""
-        import torch
-
         residual = (
             torch.zeros(0, dtype=torch.float64)
             if self.residual is None
@@ -450,9 +400,7 @@ class ActiveSet:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the grade module's buffers and this set's bookkeeping (``torch.save``); the
-        file is what ``insert_extrapolation_grade`` (and a model modifier built on it) reads."""
-        import torch
-
+        file is what the ``add_extrapolation_grade`` model modifier reads (``state``)."""
         info = {
             "type_names": self.type_names,
             "ranks": self.ranks,
@@ -461,16 +409,12 @@ class ActiveSet:
             "tol": self.tol,
             "num_swaps": self.num_swaps,
         }
-        from .interop import _replacing
-
-        with _replacing(Path(path)) as tmp:
+        with replacing(path) as tmp:
             torch.save({**self.state(), "info": info}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ActiveSet:
         """Read a file written by :meth:`save`."""
-        import torch
-
         d = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
         info = d.get("info", {})
         residual = d["residual"].double().numpy()
@@ -592,8 +536,6 @@ def default_rank_rtol(model_dtype) -> float:
     grades of ~25 instead of 1 after AOT compilation); with these cutoffs the grades of eager
     and compiled float32 models agree to ~4e-5.
     """
-    import torch
-
     low = (torch.float32, "float32", torch.float16, torch.bfloat16)
     return 1e-4 if model_dtype in low else 1e-8
 
@@ -632,21 +574,24 @@ def build_active_set(
 
 
 def add_extrapolation_grade(model, active_set: ActiveSet, module_class=None):
-    """Insert (or refresh) the extrapolation-grade module after ``moments``, in place.
+    """Insert (or refresh) the extrapolation-grade module after ``moments``, in place (what the
+    ``add_extrapolation_grade`` model modifier does with ``active_set``'s buffers).
 
     Works on a ``GraphModel``, a ``ModuleDict`` of them and models from packages (every
     ``SequentialGraphNetwork`` with a ``moments`` child gets one, e.g. also inside the
     train-time-compile variant). ``module_class`` overrides the class to instantiate (used for
     packaged models, whose code comes from the package). Returns ``model``.
     """
-    from .nn.extrapolation import insert_extrapolation_grade
-
     return insert_extrapolation_grade(model, active_set.state(), module_class=module_class)
 
 
 # ----------------------------------------------------------------------------------------------
 # saved models
 # ----------------------------------------------------------------------------------------------
+
+#: the model builder that checkpoints written before the grade became a model modifier record
+_LEGACY_BUILDER = "nequip_sus2.active_set.with_extrapolation_grade"
+_MODIFY = "nequip.model.modify"
 
 
 def with_extrapolation_grade(
@@ -655,9 +600,9 @@ def with_extrapolation_grade(
     num_basis: int,
     has_residual: bool = False,
 ) -> Any:
-    """Model builder for checkpoints written by :func:`write_model_with_grade`: builds
-    ``model`` (a config with ``_target_``) and inserts an empty grade module whose buffers the
-    checkpoint's ``state_dict`` fills.
+    """Model builder of checkpoints with a grade written by earlier versions: builds ``model``
+    (a config with ``_target_``) with the ``add_extrapolation_grade`` modifier applied (an
+    empty grade whose buffers the checkpoint's ``state_dict`` fills).
 
     .. code-block:: yaml
 
@@ -666,205 +611,10 @@ def with_extrapolation_grade(
         num_types: 7
         num_basis: 169
         model: {_target_: nequip_sus2.model.SUS2Model, ...}
+
+    Checkpoints written now record ``nequip.model.modify`` with that modifier instead.
     """
-    from hydra.utils import get_method
-
-    cfg = dict(model)
-    inner = get_method(cfg.pop("_target_"))(**cfg)
-    nb, C = int(num_basis), int(num_types)
-    empty = ActiveSet(
-        type_names=[str(z) for z in range(C)],
-        num_basis=nb,
-        inverse=np.zeros((C, nb, nb)),
-        residual=np.zeros((C, nb, nb)) if has_residual else None,
-        residual_scale=np.ones(C),
-        ranks=[0] * C,
-        counts=[0] * C,
-        active=[[] for _ in range(C)],
-        tol=0.0,
-    )
-    return add_extrapolation_grade(inner, empty)
-
-
-def _grade_state_keys(model, prefix: str) -> dict[str, str]:
-    """state_dict key -> buffer name of every grade module in ``model``."""
-    keys = {}
-    for name, _ in model.named_modules():
-        if name.split(".")[-1] == _GRADE_MODULE_NAME:
-            for buf in ("inverse", "residual", "residual_scale"):
-                keys[f"{prefix}{name}.{buf}"] = buf
-    return keys
-
-
-def _write_checkpoint(src: str, out: Path, active_set: ActiveSet, model_for_keys) -> None:
-    """A copy of checkpoint ``src`` whose model is wrapped by :func:`with_extrapolation_grade`
-    and whose state holds the active set (for the raw and, if present, EMA weights alike)."""
-    import torch
-
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    hp = ckpt["hyper_parameters"]
-    model_cfg = hp["model"]
-    target = model_cfg.get("_target_") if hasattr(model_cfg, "get") else None
-    wrapped = {
-        "_target_": "nequip_sus2.active_set.with_extrapolation_grade",
-        "num_types": len(active_set.type_names),
-        "num_basis": active_set.num_basis,
-        "has_residual": active_set.residual is not None,
-        "model": model_cfg,
-    }
-    if target == wrapped["_target_"]:  # refresh: keep the inner model
-        wrapped["model"] = model_cfg["model"]
-    hp["model"] = wrapped
-    info = hp.get("info_dict")
-    if info is not None and "training_module" in info:
-        info["training_module"]["model"] = copy.deepcopy(wrapped)
-    state = active_set.state()
-    keys = _grade_state_keys(model_for_keys, "model.sole_model.")
-    if not keys:
-        raise RuntimeError("internal error: no grade module found to take state keys from")
-    sd = ckpt["state_dict"]
-    for key, buf in keys.items():
-        sd[key] = state[buf].clone()
-    from .interop import _replacing
-
-    with _replacing(out) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def _package_importer_class(imp):
-    """The grade module class inside package ``imp`` if it has one, else ``None``."""
-    try:
-        return imp.import_module("nequip_sus2.nn.extrapolation").ExtrapolationGrade
-    except Exception:
-        return None
-
-
-class _NameLookupNoise(logging.Filter):
-    """Drops torch.package's "Tried to call get_name with obj ..." warnings: re-exporting a
-    package asks each importer in turn for every class, and each miss is logged although the
-    next importer finds it (no importer finding it is an error of its own, still raised)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Tried to call get_name with obj ")
-
-
-@contextlib.contextmanager
-def _quiet_packaging():
-    """Silence the harmless noise of reading and writing packages: torch.package's importer
-    misses (above) and the TypedStorage deprecation warnings nequip suppresses; every other
-    warning and log record still shows."""
-    from .interop import _nequip_internals
-
-    logger = logging.getLogger("torch.package.importer")
-    noise = _NameLookupNoise()
-    logger.addFilter(noise)
-    try:
-        with _nequip_internals()["suppress_warnings"]():
-            yield
-    finally:
-        logger.removeFilter(noise)
-
-
-def _repackage(src: str, out: Path, active_set: ActiveSet) -> None:
-    """Copy package ``src`` with the grade module added to every model variant (the way
-    ``nequip-package modify`` re-exports a package)."""
-    import torch
-    import yaml
-    from nequip.model.saved_models.package import _cpu_deserialize_always
-
-    from .interop import _nequip_internals, _replacing
-
-    nq = _nequip_internals()
-    with _quiet_packaging():
-        imp = torch.package.PackageImporter(src)
-        cls = _package_importer_class(imp)
-        meta_text = imp.load_text("model", "package_metadata.txt")
-        variants = yaml.safe_load(meta_text)["available_models"]
-        with _cpu_deserialize_always():
-            example = imp.load_pickle("model", "example_data.pkl")
-            models = {
-                v: imp.load_pickle("model", f"{v}_model.pkl", map_location="cpu") for v in variants
-            }
-    for model_dict in models.values():
-        add_extrapolation_grade(model_dict, active_set, module_class=cls)
-    with _replacing(out) as tmp, _quiet_packaging():
-        importers = (imp, torch.package.importer.sys_importer)
-        with torch.package.PackageExporter(tmp, importer=importers) as exp:
-            exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
-            exp.extern([f"{pkg}.**" for pkg in nq["external"]])
-            exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
-            exp.save_pickle("model", "example_data.pkl", example, dependencies=True)
-            exp.save_text("model", "config.yaml", imp.load_text("model", "config.yaml"))
-            exp.save_text("model", "package_metadata.txt", meta_text)
-            for v, model_dict in models.items():
-                exp.save_pickle("model", f"{v}_model.pkl", model_dict, dependencies=True)
-
-
-def _check_output(out: Path, is_package: bool) -> None:
-    if not out.name.endswith((".ckpt", _PACKAGE_SUFFIX)):
-        raise ValueError(f"{out}: the output must be a .ckpt or a {_PACKAGE_SUFFIX} file")
-    if is_package and out.name.endswith(".ckpt"):
-        raise ValueError(
-            f"{out}: a package can only be written back as a package ({_PACKAGE_SUFFIX})"
-        )
-    if not out.parent.is_dir():
-        raise ValueError(f"{out}: the output directory {out.parent} does not exist")
-
-
-def write_model_with_grade(
-    model_path: str | os.PathLike,
-    data: str | os.PathLike | Iterable[Any],
-    out: str | os.PathLike,
-    tol: float = 1e-3,
-    rank_rtol: float | None = None,
-    batch_size: int = 8,
-    chemical_species_to_atom_type_map: dict[str, str] | None = None,
-    progress: bool | None = False,
-    model=None,
-) -> ActiveSet:
-    """Build the active set of a checkpoint (``.ckpt``) or package (``.nequip.zip``) on
-    ``data`` (its training set: extxyz/``.cfg`` path or structures) and write the model with the
-    extrapolation grade included.
-
-    ``out``: a checkpoint (``.ckpt``; from a checkpoint only) or a package (``.nequip.zip``;
-    from a checkpoint via ``nequip-package build``, from a package by re-exporting it). The
-    grade of the evaluation weights (EMA, if trained with EMA) is what the active set is built
-    from; continued training makes it stale (rebuild it afterwards). ``model``: the model of
-    ``model_path`` if already loaded. The output appears complete or not at all.
-    """
-    from .interop import load_model
-
-    model_path, out = os.fspath(model_path), Path(out)
-    is_package = model_path.endswith(_PACKAGE_SUFFIX)
-    _check_output(out, is_package)
-    if model is None:
-        model = load_model(model_path)
-    active = build_active_set(
-        model,
-        data,
-        tol=tol,
-        rank_rtol=rank_rtol,
-        batch_size=batch_size,
-        chemical_species_to_atom_type_map=chemical_species_to_atom_type_map,
-        progress=progress,
-    )
-    if is_package:
-        _repackage(model_path, out, active)
-        return active
-    add_extrapolation_grade(model, active)  # only to learn the state_dict keys
-    if out.name.endswith(".ckpt"):
-        _write_checkpoint(model_path, out, active, model)
-        return active
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpdir:
-        ckpt = Path(tmpdir) / "with_grade.ckpt"
-        _write_checkpoint(model_path, ckpt, active, model)
-        from nequip.scripts.package import main as package_main
-
-        built = Path(tmpdir) / out.name
-        with _quiet_packaging():
-            package_main(["build", str(ckpt), str(built)])
-        os.replace(built, out)
-    return active
+    return modify(model, [grade_modifier_config(num_types, num_basis, has_residual)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,7 +623,7 @@ def write_model_with_grade(
 
 
 def _grade_modules(model) -> list:
-    mods = [m for n, m in model.named_modules() if n.split(".")[-1] == _GRADE_MODULE_NAME]
+    mods = [m for n, m in model.named_modules() if n.split(".")[-1] == GRADE_MODULE_NAME]
     if not mods:
         raise ValueError(
             "the model has no extrapolation grade; build one first (write_model_with_grade)"
@@ -903,8 +653,6 @@ def select_add(
     active set (for screening further candidates before retraining). ``progress``: tqdm bars
     (see :func:`compute_scalar_basis`).
     """
-    import torch
-
     gm = _graph_model(model)
     type_names = list(gm.type_names)
     if isinstance(candidates, (str, os.PathLike)):
@@ -970,289 +718,8 @@ def select_add(
     return sorted(selected), max_gamma
 
 
-# ----------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # python -m nequip_sus2.active_set: the `active-set` command
+    # imported here: the command line imports this module
+    from nequip_sus2.cli import active_set_main
 
-
-class _CommandError(ValueError):
-    """A user mistake reported as one line ``<prog>: error: ...`` (exit status 2)."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, with command line mistakes reported in one line like every other error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _new_parser(prog: str, description: str, example: str) -> _ArgumentParser:
-    return _ArgumentParser(
-        prog=prog,
-        description=description,
-        epilog=example,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def _add_common(parser: argparse.ArgumentParser, output_help: str) -> None:
-    parser.add_argument("-o", "--output", metavar="OUT", help=f"{output_help} (required)")
-    parser.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # older spelling
-    parser.add_argument(
-        "--tol", type=positive(float), default=1e-3, help="MaxVol tolerance (default 1e-3)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive(int),
-        default=8,
-        help="structures per batch (default 8); the results do not depend on it",
-    )
-    parser.add_argument(
-        "--species-map",
-        nargs="+",
-        metavar="SYMBOL=TYPE",
-        help="chemical symbol -> model type name for ASE input (default: identity)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def _parse(parser: _ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    args = parser.parse_args(argv)
-    if args.output is None:
-        parser.error("the following arguments are required: -o/--output")
-    return args
-
-
-def _species_map(values: Sequence[str] | None, type_names: Sequence[str]) -> dict[str, str] | None:
-    """``--species-map Cu=Cu_type ...`` checked against chemical symbols and the model types."""
-    if not values:
-        return None
-    from ase.data import atomic_numbers
-
-    out = {}
-    for item in values:
-        symbol, sep, name = item.partition("=")
-        if not sep or not symbol or not name:
-            raise _CommandError(f"argument --species-map: expected SYMBOL=TYPE, got {item!r}")
-        if symbol not in atomic_numbers:
-            raise _CommandError(
-                f"argument --species-map: {symbol!r} in {item!r} is not a chemical symbol"
-            )
-        if name not in type_names:
-            raise _CommandError(
-                f"argument --species-map: {name!r} in {item!r} is not a type of the model "
-                f"({' '.join(type_names)})"
-            )
-        out[symbol] = name
-    return out
-
-
-def _load_sus2_model(path: str, need_grade: bool = False):
-    """The eager model of checkpoint or package ``path``, refused (with a :class:`_CommandError`
-    naming the file) if it is missing, not a model, not a SUS2 model or, with ``need_grade``,
-    without an extrapolation grade."""
-    from .interop import load_model
-
-    if not os.path.isfile(path):
-        raise _CommandError(f"{path}: no such file")
-    if not path.endswith((".ckpt", _PACKAGE_SUFFIX)):
-        raise _CommandError(
-            f"{path}: the model must be a checkpoint (.ckpt) or a package ({_PACKAGE_SUFFIX})"
-        )
-    try:
-        with _quiet_packaging():
-            model = load_model(path)
-    except Exception as e:  # torch/zip/pickle/hydra: anything means the file is not a model
-        raise _CommandError(f"{path}: cannot load the model ({one_line(e)})") from e
-    try:
-        gm = _graph_model(model)
-        _moments_networks(gm)
-    except TypeError as e:
-        raise _CommandError(f"{path}: {e}") from e
-    if need_grade and not any(
-        n.split(".")[-1] == _GRADE_MODULE_NAME for n, _ in gm.named_modules()
-    ):
-        raise _CommandError(
-            f"{path}: the model has no extrapolation grade; add one with `nequip-sus2 active-set`"
-        )
-    return model
-
-
-def _read_data(path: str, type_names: Sequence[str]) -> list:
-    try:
-        return _read_structures(path, type_names)
-    except OSError as e:
-        raise _CommandError(f"{path}: {e.strerror or e}") from e
-
-
-def _structure_error(path: str, error: ValueError) -> _CommandError:
-    """A ``structures_to_data`` error (``structure K: ...``) with the file named."""
-    text = one_line(error)
-    return _CommandError(text if text.startswith(path) else f"{path}: {text}")
-
-
-def _run(prog: str, body, args: argparse.Namespace) -> int:
-    """Run ``body(args)``; a user mistake becomes one line on stderr and exit status 2."""
-    try:
-        return body(args)
-    except (ValueError, OSError) as e:
-        if isinstance(e, OSError) and e.filename is not None:
-            message = f"{e.filename}: {e.strerror or e}"
-        else:
-            message = one_line(e)
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
-
-
-def _active_set_command(args: argparse.Namespace) -> int:
-    from .interop import _ensure_global_state
-
-    out = Path(args.output)
-    _check_output(out, args.model.endswith(_PACKAGE_SUFFIX))
-    if args.save_active_set:
-        target = Path(args.save_active_set)
-        if not target.parent.is_dir():
-            raise _CommandError(f"{target}: the output directory {target.parent} does not exist")
-    _ensure_global_state()
-    model = _load_sus2_model(args.model)
-    type_names = list(_graph_model(model).type_names)
-    species_map = _species_map(args.species_map, type_names)
-    structures = _read_data(args.data, type_names)
-    progress = False if args.no_progress else None
-    try:
-        active = write_model_with_grade(
-            args.model,
-            structures,
-            out,
-            tol=args.tol,
-            rank_rtol=args.rank_rtol,
-            batch_size=args.batch_size,
-            chemical_species_to_atom_type_map=species_map,
-            progress=progress,
-            model=model,
-        )
-    except ValueError as e:
-        if str(e).startswith("structure "):
-            raise _structure_error(args.data, e) from e
-        raise
-    print(active.summary())
-    print(f"wrote {out}")
-    if args.save_active_set:
-        active.save(args.save_active_set)
-        print(f"wrote {args.save_active_set}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``nequip-sus2 active-set MODEL DATA -o OUT``: build the MaxVol active set of a checkpoint
-    or package on its training data and write it with the extrapolation grade included.
-
-    Returns the exit status (2 with one line on stderr for a user mistake)."""
-    parser = _new_parser(
-        "nequip-sus2 active-set",
-        "Build the MaxVol active set (per species) of a SUS2 model on its training data\n"
-        "and write the model with the per-atom extrapolation grade `sus2_extrapolation_grade`\n"
-        "included (docs/training.md).",
-        "Example: nequip-sus2 active-set best.ckpt train.xyz -o graded.nequip.zip\n"
-        "Example: nequip-sus2 active-set model.nequip.zip train.cfg -o graded.nequip.zip",
-    )
-    parser.add_argument("model", help="checkpoint (.ckpt) or package (.nequip.zip)")
-    parser.add_argument("data", help="training structures: extxyz (or any ASE format) or .cfg")
-    _add_common(parser, "output .ckpt (from a checkpoint) or .nequip.zip")
-    parser.add_argument(
-        "--rank-rtol",
-        type=positive(float),
-        default=None,
-        help="relative singular value cutoff of the span (1e-4 float32, 1e-8 float64 models)",
-    )
-    parser.add_argument(
-        "--save-active-set",
-        metavar="FILE",
-        help="also write the active set (torch.save of the grade buffers and bookkeeping)",
-    )
-    return _run(parser.prog, _active_set_command, _parse(parser, argv))
-
-
-def _write_structures(structures: list, out: str) -> None:
-    """``structures`` to ``out`` (``.cfg`` frames to ``.cfg``, ``ase.Atoms`` to any format ASE
-    writes), complete or not at all."""
-    if out.endswith(".cfg"):
-        from .io.cfg import write_cfg
-
-        write_cfg(structures, out)
-        return
-    from ase.io import write
-
-    from .interop import _replacing
-
-    with _replacing(Path(out)) as tmp:
-        write(tmp, structures, format=_ase_format(out))
-
-
-def _ase_format(out: str) -> str:
-    from ase.io.formats import filetype, ioformats
-
-    fmt = filetype(out, read=False)
-    if fmt not in ioformats or not ioformats[fmt].can_write:
-        raise _CommandError(f"{out}: ASE cannot write this format (use .xyz, .extxyz or .cfg)")
-    return fmt
-
-
-def _select_add_command(args: argparse.Namespace) -> int:
-    from .interop import _ensure_global_state
-
-    out = Path(args.output)
-    if args.candidates.endswith(".cfg") != args.output.endswith(".cfg"):
-        raise _CommandError(
-            f"{out}: the selected structures are written in the candidates' format; "
-            + ("use a .cfg output" if args.candidates.endswith(".cfg") else "use an extxyz output")
-        )
-    if not args.output.endswith(".cfg"):
-        _ase_format(args.output)
-    if not out.parent.is_dir():
-        raise _CommandError(f"{out}: the output directory {out.parent} does not exist")
-    _ensure_global_state()
-    model = _load_sus2_model(args.model, need_grade=True)
-    type_names = list(_graph_model(model).type_names)
-    species_map = _species_map(args.species_map, type_names)
-    structures = _read_data(args.candidates, type_names)
-    try:
-        chosen, gamma = select_add(
-            model,
-            structures,
-            tol=args.tol,
-            batch_size=args.batch_size,
-            chemical_species_to_atom_type_map=species_map,
-            progress=False if args.no_progress else None,
-        )
-    except ValueError as e:
-        if str(e).startswith("structure "):
-            raise _structure_error(args.candidates, e) from e
-        raise
-    _write_structures([structures[i] for i in chosen], args.output)
-    print(
-        f"{len(chosen)} of {len(structures)} candidates selected (max grade "
-        f"{gamma.max() if len(gamma) else 0:.3g}); wrote {args.output}"
-    )
-    return 0
-
-
-def select_add_main(argv: Sequence[str] | None = None) -> int:
-    """``nequip-sus2 select-add MODEL CANDIDATES -o SELECTED``: candidates that extend the
-    model's active set, written in the candidates' format (extxyz or ``.cfg``).
-
-    Returns the exit status (2 with one line on stderr for a user mistake)."""
-    parser = _new_parser(
-        "nequip-sus2 select-add",
-        "Select the candidate structures that extend the active set of a model with an\n"
-        "extrapolation grade (like MLIP select-add).",
-        "Example: nequip-sus2 select-add graded.nequip.zip extrapolating.xyz -o selected.xyz",
-    )
-    parser.add_argument("model", help="checkpoint or package with an extrapolation grade")
-    parser.add_argument("candidates", help="candidate structures: extxyz or .cfg")
-    _add_common(parser, "selected structures, in the candidates' format")
-    return _run(parser.prog, _select_add_command, _parse(parser, argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(active_set_main())

@@ -34,12 +34,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-PACKAGE_SUFFIX = ".nequip.zip"
+from ._console import UsageError, one_line
+from .package import PACKAGE_SUFFIX
+
 _XYZ_SUFFIXES = (".xyz", ".extxyz")
-
-
-class _UsageError(Exception):
-    """A problem with the command line itself (reported like argparse errors)."""
 
 
 def _add_type_names(parser: argparse.ArgumentParser, what: str) -> None:
@@ -59,22 +57,22 @@ def _add_type_names(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _type_names(args) -> list[str]:
-    from .interop import _check_names, read_type_names
+    from .io.species import check_type_names, read_type_names  # heavy: ase
 
     if args.type_names_file is not None:
         return read_type_names(args.type_names_file)
-    return _check_names(args.type_names, "--type-names")
+    return check_type_names(args.type_names, "--type-names")
 
 
 def _require_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise _UsageError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
 
 
 def _require_dir_of(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise _UsageError(f"{path}: the output directory {parent} does not exist")
+        raise UsageError(f"{path}: the output directory {parent} does not exist")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,15 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _active_set(args: argparse.Namespace) -> int:
-    from .active_set import main
+    from ._cli_active_set import run_active_set  # heavy: torch, nequip
 
-    return main(args.rest) or 0
+    return run_active_set(args.rest)
 
 
 def _select_add(args: argparse.Namespace) -> int:
-    from .active_set import select_add_main
+    from ._cli_active_set import run_select_add  # heavy: torch, nequip
 
-    return select_add_main(args.rest) or 0
+    return run_select_add(args.rest)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -364,15 +362,15 @@ def _learn(args: argparse.Namespace) -> int:
 def _import_mtp(args) -> int:
     _require_file(args.mtp)
     if not args.output.endswith(PACKAGE_SUFFIX):
-        raise _UsageError(f"-o {args.output}: a NequIP package name must end with {PACKAGE_SUFFIX}")
+        raise UsageError(f"-o {args.output}: a NequIP package name must end with {PACKAGE_SUFFIX}")
     _require_dir_of(args.output)
     names = _type_names(args)
-    from .interop import import_mtp_to_package, repulsive_core_radii
+    from .io.mtp_model import import_mtp_to_package, repulsive_core_radii  # heavy: torch
 
     core = None
     if args.repulsive_core is not None:
         if not args.repulsive_core_width > 0:
-            raise _UsageError(
+            raise UsageError(
                 f"--repulsive-core-width {args.repulsive_core_width}: must be a positive width "
                 "in Angstrom"
             )
@@ -384,7 +382,7 @@ def _import_mtp(args) -> int:
                 _require_file(spec)
         else:
             if not spec > 0:  # also NaN
-                raise _UsageError(f"--repulsive-core {args.repulsive_core}: must be positive")
+                raise UsageError(f"--repulsive-core {args.repulsive_core}: must be positive")
         core = repulsive_core_radii(spec, args.mtp, names)
     import_mtp_to_package(
         args.mtp,
@@ -419,12 +417,12 @@ def _export_mtp(args) -> int:
     with open(args.model, "rb") as f:
         is_mtp = f.read(3) == b"MTP"
     if is_mtp or args.model.endswith(".mtp"):
-        raise _UsageError(
+        raise UsageError(
             f"{args.model}: export-mtp takes a nequip-train checkpoint (.ckpt) or a .nequip.zip "
             "package; this is a .mtp file, already in the format export-mtp writes"
         )
     _require_dir_of(args.output)
-    from .interop import export_mtp
+    from .io.mtp_model import export_mtp  # heavy: torch
 
     names = export_mtp(
         args.model, args.output, model_key=args.model_key, expand_full_rank=not args.no_expand
@@ -440,29 +438,30 @@ def _export_mtp(args) -> int:
 
 def _convert(args) -> int:
     if args.output is not None and args.output_option is not None:
-        raise _UsageError(
+        raise UsageError(
             f"the output is given twice ({args.output} and -o {args.output_option}): give "
             "either OUT or -o/--output"
         )
     output = args.output if args.output is not None else args.output_option
     if output is None:
-        raise _UsageError("no output file: give -o/--output OUT (or OUT after IN)")
+        raise UsageError("no output file: give -o/--output OUT (or OUT after IN)")
     _require_file(args.input)
     _require_dir_of(output)
     src, dst = args.input.lower(), output.lower()
     names = _type_names(args)
-    from .interop import _check_names, cfg_to_extxyz, extxyz_to_cfg
+    from .io.convert import cfg_to_extxyz, extxyz_to_cfg  # heavy: ase
+    from .io.species import check_type_names
 
     # .cfg type indices become chemical symbols: refuse anything else up front, naming the option
     source = args.type_names_file if args.type_names_file is not None else "--type-names"
-    _check_names(names, source, symbols=True)
+    check_type_names(names, source, symbols=True)
     progress = False if args.no_progress else None
     if src.endswith(".cfg") and dst.endswith(_XYZ_SUFFIXES):
         n = cfg_to_extxyz(args.input, output, names, progress=progress)
     elif src.endswith(_XYZ_SUFFIXES) and dst.endswith(".cfg"):
         n = extxyz_to_cfg(args.input, output, names, progress=progress)
     else:
-        raise _UsageError(
+        raise UsageError(
             f"cannot tell the direction from {args.input} -> {output}: convert .cfg to "
             ".xyz/.extxyz or .xyz/.extxyz to .cfg"
         )
@@ -476,7 +475,7 @@ def _calc_errors(args) -> int:
     if args.predictions is not None:
         _require_dir_of(args.predictions)
     names = _type_names(args) if args.type_names or args.type_names_file else None
-    from .interop import calc_errors
+    from .ase.evaluate import calc_errors  # heavy: nequip
 
     errors = calc_errors(
         args.model,
@@ -535,7 +534,7 @@ def _calc_grade(args) -> int:
     if args.output is not None:
         _require_dir_of(args.output)
     names = _type_names(args) if args.type_names or args.type_names_file else None
-    from .interop import calc_grade
+    from .ase.evaluate import calc_grade  # heavy: nequip
 
     result = calc_grade(
         args.model,
@@ -577,7 +576,7 @@ def _lammps_plugin(args) -> int:
     )
 
     if args.out is not None and not os.path.isdir(args.out):
-        raise _UsageError(f"-o {args.out}: no such directory")
+        raise UsageError(f"-o {args.out}: no such directory")
     try:
         tc = find_toolchain(args.cxx)
         if not args.build:
@@ -591,7 +590,7 @@ def _lammps_plugin(args) -> int:
             args.out, force=args.force, cxx=args.cxx, jobs=args.jobs, verbose=args.verbose
         )
     except PluginBuildError as e:
-        raise _UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     print(
         f"built {path} (pair_style sus2; LAMMPS {tc.lammps_version}, torch {tc.torch_version})\n"
         f"put this line in LAMMPS inputs before pair_style sus2:\n{plugin_load_line(path)}"
@@ -702,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _logs_to_stderr(verbose=debug):
             return args.func(args)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -714,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # MTPFormatError, CfgFormatError, InteropError and friends
         if debug:
             raise
-        print(f"{prefix} {e}", file=sys.stderr)
+        print(f"{prefix} {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nequip-sus2 {args.command}: interrupted", file=sys.stderr)
@@ -728,6 +727,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def active_set_main(argv: Sequence[str] | None = None) -> int:
+    """``nequip-sus2 active-set MODEL DATA -o OUT`` with ``argv`` (default ``sys.argv[1:]``):
+    build the MaxVol active set of a checkpoint or package on its training data and write it
+    with the extrapolation grade included.
+
+    Returns the exit status (2 with one line on stderr for a user mistake)."""
+    return main(["active-set", *(sys.argv[1:] if argv is None else argv)])
+
+
+def select_add_main(argv: Sequence[str] | None = None) -> int:
+    """``nequip-sus2 select-add MODEL CANDIDATES -o SELECTED`` with ``argv`` (default
+    ``sys.argv[1:]``): candidates that extend the model's active set, written in the
+    candidates' format (extxyz or ``.cfg``).
+
+    Returns the exit status (2 with one line on stderr for a user mistake)."""
+    return main(["select-add", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ Each iteration of the loop
    given config, or, with ``finetune_config``, starting from the previous iteration's best
    checkpoint);
 2. builds its MaxVol active set on that training set
-   (:func:`nequip_sus2.active_set.write_model_with_grade`);
+   (:func:`nequip_sus2.graded_model.write_model_with_grade`);
 3. runs Langevin MD in ASE with the graded model (:class:`nequip_sus2.ase.SUS2Calculator`, eager)
    from a few starting structures; every step whose largest grade exceeds ``select`` is kept as a
    candidate, and a trajectory stops early when the grade exceeds ``break`` (MLIP-2's
@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from ._console import one_line
+from ._files import replacing
+from .package import load_model
 
 __all__ = [
     "LearnError",
@@ -250,9 +252,7 @@ def _write_atoms(path: Path, structures: Sequence[Any]) -> None:
     """extxyz, complete or not at all."""
     from ase.io import write
 
-    from .interop import _replacing
-
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         write(tmp, list(structures), format="extxyz")
 
 
@@ -391,7 +391,7 @@ def select_candidates(
     """Indices of the ``candidates`` that extend ``model``'s active set (MaxVol,
     :func:`nequip_sus2.active_set.select_add`), at most ``max_select`` of them (those with the
     largest grade), and the largest grade of every candidate."""
-    from .active_set import select_add
+    from .active_set import select_add  # heavy: torch, nequip
 
     if not candidates:
         return [], np.zeros(0)
@@ -472,9 +472,7 @@ def _read_state(path: Path) -> dict | None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    from .interop import _replacing
-
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         tmp.write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -497,7 +495,7 @@ def _initial_data(settings: LearnSettings, out: Path) -> Path:
     """The training set as extxyz in the output folder (``.cfg`` converted)."""
     target = out / "train_data_001.xyz"
     if settings.train_data.endswith(".cfg"):
-        from .interop import cfg_to_extxyz
+        from .io.convert import cfg_to_extxyz
 
         cfg_to_extxyz(settings.train_data, target, list(settings.type_names or []))
     else:
@@ -523,9 +521,8 @@ def _iteration(
     test: Sequence[Any] | None,
     labeller: Callable[[], Any],
 ) -> dict[str, Any]:
-    from .active_set import write_model_with_grade
     from .ase import SUS2Calculator
-    from .interop import load_model
+    from .graded_model import write_model_with_grade  # heavy: torch, nequip
 
     t0 = time.perf_counter()
     folder = out / f"iter_{k:03d}"
@@ -757,9 +754,7 @@ def plot_learning_curve(
     ax2.set_title(f"error against the labeller on the {what}", fontsize=9)
     ax2.set_xticks(k)
     fig.tight_layout()
-    from .interop import _replacing
-
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
@@ -788,9 +783,7 @@ def _finish(state: dict, settings: LearnSettings, out: Path) -> None:
         "energy in meV/atom, forces in meV/Å; 'error on selected' is the model's error on the "
         "structures it selected in that iteration, before they were added.\n"
     )
-    from .interop import _replacing
-
-    with _replacing(out / SUMMARY_FILE) as tmp:
+    with replacing(out / SUMMARY_FILE) as tmp:
         tmp.write_text(text)
     _say(f"\n{table}\n\n{verdict}")
     _say(f"final model: {out / last['graded_model']}")

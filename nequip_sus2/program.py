@@ -1,12 +1,14 @@
-"""The moment-tensor contraction program (spec §2.5, §2.6, §6).
+"""The moment-tensor contraction program (docs/theory.md §2.5, §2.6, §6) and the scaling maps
+eta(mu).
 
 A program lists the basic moments ``M_b(i) = sum_j f_mu(r_ij) u_x^a u_y^b u_z^c`` (slots
 ``0 .. len(basic)-1``), the contraction entries ``M_o += m * M_p * M_q`` applied in order, and the
 slots that are the scalar basis functions ``B_a(i)``. Published ``.mtp`` files carry one; new
-models get one from :func:`generate_program` (the structural rule of spec §6).
+models get one from :func:`generate_program` (the structural rule of docs/theory.md §6). This
+module is the one place that works out the layout (slot degrees, evaluation stages, the
+canonical basic slot order) and the radial function -> scaling channel maps; the model, the
+kernels, the pre-fit and the ``.mtp`` translation ask it.
 """
-
-from __future__ import annotations
 
 import itertools
 import math
@@ -15,6 +17,35 @@ from dataclasses import dataclass
 
 BasicEntry = tuple[int, int, int, int]  # (mu, a, b, c)
 TimesEntry = tuple[int, int, int, int]  # (p, q, m, o)
+
+#: the radial function -> scaling channel maps eta(mu) of the ``.mtp`` field ``scaling_map``
+SCALING_MAPS = ("K", "L", "LK")
+
+
+def _check_scaling_map(scaling_map: str) -> None:
+    if scaling_map not in SCALING_MAPS:
+        raise ValueError(f"scaling_map must be one of {SCALING_MAPS}, got {scaling_map!r}")
+
+
+def scaling_channel_of_mu(scaling_map: str, max_rank: int, radial_funcs_count: int) -> list[int]:
+    """eta(mu) (docs/theory.md §2.2): K -> floor(mu/(L+1)), L -> mu mod (L+1), LK -> mu."""
+    _check_scaling_map(scaling_map)
+    L1 = max_rank + 1
+    rule = {"K": lambda mu: mu // L1, "L": lambda mu: mu % L1, "LK": lambda mu: mu}[scaling_map]
+    return [rule(mu) for mu in range(radial_funcs_count)]
+
+
+def num_scaling_channels(scaling_map: str, radial_funcs_count: int, L: int) -> int:
+    """N_eta of docs/theory.md §2.2: K -> N_mu/(L+1), L -> L+1, LK -> N_mu."""
+    return {"K": radial_funcs_count // (L + 1), "L": L + 1, "LK": radial_funcs_count}[scaling_map]
+
+
+def infer_scaling_map(eta_of_mu: list[int], max_rank: int) -> str | None:
+    """The first map of :data:`SCALING_MAPS` that gives ``eta_of_mu``, or ``None``."""
+    for name in SCALING_MAPS:
+        if scaling_channel_of_mu(name, max_rank, len(eta_of_mu)) == list(eta_of_mu):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -25,6 +56,71 @@ class ContractionProgram:
     basic: tuple[BasicEntry, ...]
     times: tuple[TimesEntry, ...]
     mapping: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ContractionProgram":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            moments_count=int(data["moments_count"]),
+            basic=tuple(tuple(int(v) for v in e) for e in data["basic"]),
+            times=tuple((int(p), int(q), m, int(o)) for p, q, m, o in data["times"]),
+            mapping=tuple(int(v) for v in data["mapping"]),
+        )
+
+    def to_dict(self) -> dict:
+        """The program as plain lists (what packaged models carry)."""
+        return {
+            "moments_count": self.moments_count,
+            "basic": [list(e) for e in self.basic],
+            "times": [list(e) for e in self.times],
+            "mapping": list(self.mapping),
+        }
+
+    @property
+    def max_power(self) -> int:
+        """The largest exponent of one Cartesian component in a basic moment."""
+        return max((max(e[1:]) for e in self.basic), default=0)
+
+    def monomials(self) -> list[tuple[int, int, int]]:
+        """The distinct monomials ``(a, b, c)`` of the basic slots, in order of first use."""
+        return list(dict.fromkeys(tuple(e[1:]) for e in self.basic))
+
+    def stages(self) -> tuple[list[TimesEntry], list[int]]:
+        """Entries grouped by the degree of their output slot, and the group bounds.
+
+        Within a stage no entry reads a slot written by the same stage (its inputs have lower
+        degree), so each stage is one vectorised gather-multiply-scatter. Returns
+        ``(entries, bounds)``: stage ``s`` is ``entries[bounds[s]:bounds[s + 1]]``.
+        """
+        degrees = self.degrees()
+        entries = sorted(self.times, key=lambda e: degrees[e[3]])
+        stage_of = [degrees[e[3]] for e in entries]
+        if not entries:
+            return [], [0]
+        inner = [k for k in range(1, len(entries)) if stage_of[k] != stage_of[k - 1]]
+        return entries, [0, *inner, len(entries)]
+
+    def canonical_shape(self) -> tuple[int, int] | None:
+        """``(K, L)`` if the basic slots have the canonical layout of docs/theory.md §6.6, else
+        ``None``.
+
+        Canonical: mu-major with ``mu = k (L+1) + l`` and the rank-``l`` monomials in
+        sorted-index order (every generated and published program).
+        """
+        if not self.basic:
+            return None
+        L = max(a + b + c for _, a, b, c in self.basic)
+        n_mu = max(e[0] for e in self.basic) + 1
+        if n_mu % (L + 1):
+            return None
+        K = n_mu // (L + 1)
+        canonical = [
+            (k * (L + 1) + rank, idx.count(0), idx.count(1), idx.count(2))
+            for k in range(K)
+            for rank in range(L + 1)
+            for idx in itertools.combinations_with_replacement(range(3), rank)
+        ]
+        return (K, L) if [tuple(e) for e in self.basic] == canonical else None
 
     def degrees(self) -> list[int]:
         """Degree (number of basic factors) of every slot; ``degree(o) = degree(p) + degree(q)``."""
@@ -71,7 +167,7 @@ class ContractionProgram:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generator (spec §6)
+# Generator (docs/theory.md §6)
 # ---------------------------------------------------------------------------------------------
 
 _SUPPORTED_L = (1, 2, 3)
@@ -95,7 +191,7 @@ def _check_shape(L: int, K: int) -> None:
 
 
 def basis_counts(L: int, K: int, full_rank: bool = False) -> dict[int, int]:
-    """Number of scalar basis functions per degree, from the closed forms of spec §6.
+    """Number of scalar basis functions per degree, from the closed forms of docs/theory.md §6.3.
 
     With ``n2 = K(K+1)/2``, ``N = L n2`` and ``|T|`` pair types (0, 2, 4 for L = 1, 2, 3):
     degree 1: ``K``; degree 2: ``(L+1) n2``; degree 3: ``C(K+2,3) + L K n2 + |T| K^2``;

@@ -9,6 +9,8 @@ import torch
 from nequip.data import AtomicDataDict, compute_neighborlist_, from_dict
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # .cfg PlusStress order
+#: dtype of the hand-computed module tests (``tests/nn``, ``tests/model``)
+F64 = torch.float64
 
 #: one periodic Cu-Se structure written by hand in the MLIP-2 layout (type 0 = Cu, 1 = Se)
 CU_SE_CFG = """\
@@ -40,6 +42,27 @@ def assert_one_line_error(code: int, err: str, command: str, *parts: str) -> str
     for part in parts:
         assert part in lines[0], (part, lines[0])
     return lines[0]
+
+
+def edge_graph(pos, types, edges, **fields) -> AtomicDataDict.Type:
+    """A non-periodic AtomicDataDict with an explicit edge list [(centre, neighbour), ...]."""
+    data = {
+        AtomicDataDict.POSITIONS_KEY: torch.as_tensor(pos, dtype=F64),
+        AtomicDataDict.ATOM_TYPE_KEY: torch.as_tensor(types, dtype=torch.long),
+        AtomicDataDict.EDGE_INDEX_KEY: torch.as_tensor(edges, dtype=torch.long).T.contiguous(),
+    }
+    data.update(fields)
+    return data
+
+
+def cheb(n: int, x: float) -> float:
+    """T_n(x), written out by hand for n = 0..3."""
+    return [1.0, x, 2 * x * x - 1, 4 * x**3 - 3 * x][n]
+
+
+def cheb_prime(n: int, x: float) -> float:
+    """dT_n/dx by hand for n = 0..3."""
+    return [0.0, 1.0, 4 * x, 12 * x * x - 3][n]
 
 
 def frame_data(types, positions, cell, r_max: float) -> AtomicDataDict.Type:

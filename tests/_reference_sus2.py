@@ -1,4 +1,4 @@
-"""An independent SUS2 evaluator written from ``../shared/sus2-spec.md`` §2, for tests only.
+"""An independent SUS2 evaluator written from the equations of docs/theory.md §2, for tests only.
 
 It shares no code with ``nequip_sus2.nn``: numpy in extended precision (``np.longdouble``),
 ASE's neighbour list, an explicit loop over the contraction program, and the published

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from nequip.utils.unittests import CONFTEST_PATH
 
 exec(open(CONFTEST_PATH).read())
@@ -35,3 +36,13 @@ def require_reference(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference fixture {path} is absent (needs ../shared beside the project root)")
     return path
+
+
+@pytest.fixture
+def float64_default_dtype():
+    """torch's default dtype is float64 during the test (restored afterwards): modules built by
+    hand and compared with hand-computed float64 numbers (``tests/nn``, ``tests/model``)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

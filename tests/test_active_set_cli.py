@@ -18,18 +18,17 @@ from ase.build import bulk
 from ase.io import read, write
 
 from nequip_sus2.active_set import (
-    _NameLookupNoise,
-    _quiet_packaging,
     build_active_set,
     compute_scalar_basis,
-    main,
     select_add,
-    select_add_main,
     structures_to_data,
 )
-from nequip_sus2.interop import load_model, write_package
+from nequip_sus2.cli import active_set_main as main
+from nequip_sus2.cli import select_add_main
 from nequip_sus2.io.cfg import CfgFrame, read_cfg, write_cfg
 from nequip_sus2.model import SUS2Model
+from nequip_sus2.package import _NameLookupNoise, load_model, write_package
+from nequip_sus2.package import quiet_packaging as _quiet_packaging
 
 NAMES = ["Cu", "Ag"]
 R_MAX = 4.5
@@ -106,7 +105,10 @@ def test_mixed_file_active_set_and_grades_do_not_depend_on_the_batch_size(files)
     sets = {bs: build_active_set(model, files["dir"] / "train.cfg", batch_size=bs) for bs in (1, 4)}
     assert sets[1].active == sets[4].active
     assert sets[1].counts == sets[4].counts and sets[1].ranks == sets[4].ranks
-    np.testing.assert_allclose(sets[4].inverse, sets[1].inverse, rtol=1e-12, atol=1e-12)
+    # the same sums in another order: round-off of the basis (values up to ~1e4 here) is
+    # amplified by the inverse of the near-singular active-set matrices
+    inv1 = sets[1].inverse
+    np.testing.assert_allclose(sets[4].inverse, inv1, rtol=1e-5, atol=1e-9 * np.abs(inv1).max())
     # per-atom basis (and so grades) of a mixed candidate file, .cfg and extxyz alike
     for name in ("candidates.cfg", "candidates.xyz"):
         structures = read_cfg(files["dir"] / name) if name.endswith("cfg") else None
@@ -119,7 +121,7 @@ def test_mixed_file_active_set_and_grades_do_not_depend_on_the_batch_size(files)
         np.testing.assert_array_equal(t1, t4)
         np.testing.assert_array_equal(f1, f4)
         np.testing.assert_array_equal(a1, a4)
-        np.testing.assert_allclose(B4, B1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(B4, B1, rtol=1e-9, atol=1e-12 * np.abs(B1).max())
         g1, g4 = sets[1].grade(B1, t1), sets[4].grade(B4, t4)
         np.testing.assert_allclose(g4, g1, rtol=1e-10)
         assert g1.max() > 1.5  # some candidates extrapolate: the comparison is not trivial
@@ -153,7 +155,10 @@ def test_active_set_cli_batch_sizes_write_the_same_active_set(files, tmp_path):
         assert main(argv) == 0
         saved[bs] = torch.load(pt, weights_only=True)
     assert saved[1]["info"]["active"] == saved[4]["info"]["active"]
-    torch.testing.assert_close(saved[4]["inverse"], saved[1]["inverse"], rtol=1e-12, atol=1e-12)
+    inv1 = saved[1]["inverse"]
+    torch.testing.assert_close(
+        saved[4]["inverse"], inv1, rtol=1e-5, atol=1e-9 * float(inv1.abs().max())
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +295,10 @@ def test_help_has_an_example_and_hides_the_old_spelling(func, capsys):
 def test_out_alias_and_no_packaging_warnings(files, tmp_path):
     """A real process (torch's log handlers write to the process's stderr)."""
     out = tmp_path / "graded.nequip.zip"
-    script = "import sys; from nequip_sus2.active_set import main; sys.exit(main(sys.argv[1:]))"
+    script = (
+        "import sys; from nequip_sus2.cli import active_set_main as main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
     argv = [str(files["package"]), str(files["dir"] / "train.cfg"), "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300

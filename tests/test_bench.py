@@ -1,7 +1,7 @@
 """``nequip-sus2 bench``: numbers checked against direct computation, plots checked for data.
 
 * the published Alloy model (``.mtp`` + ``--type-names-file`` through the command line) on
-  ``alloy_sample.cfg`` reproduces the published errors against DFT (spec §5);
+  ``alloy_sample.cfg`` reproduces the published errors against DFT (docs/theory.md §5);
 * three tiny in-memory models (SUS2, NequIP, Allegro) on EMT data through the Python API: every
   accuracy, EOS, MD, cost and SUS2 number is recomputed here independently;
 * slow: real ``nequip-train`` checkpoints of the three architectures and a package in one
@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,33 @@ def test_cli_errors(tmp_path, capsys):
     assert "species_count = 2" in capsys.readouterr().err
 
 
+def test_command_line_maps_onto_bench_options(tmp_path):
+    """Without flags every field keeps its default; each flag sets its field."""
+    from nequip_sus2.bench import BenchOptions, build_parser
+    from nequip_sus2.bench.cli import options_from_args
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    argv = ["m.ckpt", "-o", "out"]
+    got = options_from_args(build_parser().parse_args(argv), argv)
+    want = BenchOptions(["m.ckpt"], out_dir="out", command="nequip-sus2 bench m.ckpt -o out")
+    for f in fields(BenchOptions):
+        assert plain(getattr(got, f.name)) == plain(getattr(want, f.name)), f.name
+    species = tmp_path / "species.yaml"
+    species.write_text("[Cu, Se]\n")
+    argv = ["A=m.mtp", "--out", "o", "--type-names-file", str(species), "--quick", "--skip-sus2"]
+    argv += ["--no-memory", "--no-progress", "--md-timestep", "2", "--pairs", "Cu-Se", "--threads"]
+    argv += ["1", "--max-curves", "2", "--data", "a.xyz", "--data", "b.xyz"]
+    got = options_from_args(build_parser().parse_args(argv), argv)
+    assert (got.models, got.out_dir, got.type_names) == (["A=m.mtp"], "o", ["Cu", "Se"])
+    parts = (got.accuracy, got.eos, got.md, got.cost, got.sus2, got.plots)
+    assert parts == (True, False, False, False, False, True)
+    assert (got.cost_memory, got.progress, got.threads) == (False, False, 1)
+    assert got.md_timestep_fs == 2.0 and isinstance(got.md_timestep_fs, float)
+    assert (got.sus2_pairs, got.sus2_max_curves, got.data) == (["Cu-Se"], 2, ["a.xyz", "b.xyz"])
+
+
 # ----------------------------------------------------------------------------------------------
 # the published Alloy model through the command line
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +203,9 @@ def test_alloy_published_errors_cli(tmp_path, capsys):
     assert res["errors"] == []
     (model,) = res["models"]
     assert (model["kind"], model["format"]) == ("SUS2", "mtp")
-    assert model["num_parameters"]["total"] == 17657  # spec §2.9
+    assert model["num_parameters"]["total"] == 17657  # docs/theory.md §2.9
     acc = res["accuracy"]["Alloy"]["overall"]
-    # spec §5: 27.39 / 19.34 meV/atom, 0.1836 / 0.1228 eV/A, 0.0083 eV/A^3
+    # docs/theory.md §5: 27.39 / 19.34 meV/atom, 0.1836 / 0.1228 eV/A, 0.0083 eV/A^3
     assert acc["energy_per_atom"]["rmse"] * 1000 == pytest.approx(27.39, abs=0.01)
     assert acc["energy_per_atom"]["mae"] * 1000 == pytest.approx(19.34, abs=0.01)
     assert acc["forces"]["rmse"] == pytest.approx(0.1836, abs=1e-4)
@@ -299,17 +327,17 @@ def test_three_architectures_python_api(tmp_path, tiny_models, emt_files):
     from ase.eos import EquationOfState
     from ase.units import GPa
 
-    from nequip_sus2.bench import run_bench
+    from nequip_sus2.bench import BenchOptions, run_bench
 
     data, curve = emt_files
     out = tmp_path / "bench"
-    result = run_bench(
+    result = run_bench(BenchOptions(
         tiny_models, [data], out,
         eos_structures=[curve], eos_auto=("data", "fcc"), eos_elements=["Ag"], eos_points=7,
         md_steps=8, md_min_atoms=16, sizes=(16, 40), cost_min_time=0.02,
         sus2_pairs=["Cu-Cu", "Cu-Au", "Au-Cu"], sus2_max_curves=2,
         keep_figures=True, progress=False, strict=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     res = result.results
     assert res["errors"] == []
     assert [m["kind"] for m in res["models"]] == ["SUS2", "NequIP", "Allegro"]
@@ -508,14 +536,14 @@ def test_trained_checkpoints_and_package_cli(trained):
 @pytest.mark.slow
 def test_compiled_models(trained, tmp_path):
     """``--compile`` (nequip-compile, AOTI, ASE target) and a ``.nequip.pt2`` given as a model."""
-    from nequip_sus2.bench import run_bench
+    from nequip_sus2.bench import BenchOptions, run_bench
 
     _, data, ckpts = trained
     out = tmp_path / "bench"
-    res = run_bench(
+    res = run_bench(BenchOptions(
         {"SUS2": ckpts["SUS2"]}, [data], out, eos=False, md=False, sizes=(16, 64),
         cost_min_time=0.1, compile=True, progress=False, strict=True,
-    ).results  # fmt: skip
+    )).results  # fmt: skip
     cost = res["cost"]["SUS2"]
     assert [r["target_atoms"] for r in cost["compiled"]] == [16, 64]
     assert cost["compile_seconds"] > 0
@@ -524,10 +552,10 @@ def test_compiled_models(trained, tmp_path):
     check = cost["compiled_vs_eager"]
     assert check["max_abs_energy_per_atom"] < 1e-5 and check["max_abs_force"] < 1e-4
     pt2 = cost["compiled_path"]
-    res2 = run_bench(
+    res2 = run_bench(BenchOptions(
         {"eager": ckpts["SUS2"], "compiled": pt2}, [data], tmp_path / "bench2", eos=False,
         md=False, cost=False, progress=False, strict=True,
-    ).results  # fmt: skip
+    )).results  # fmt: skip
     assert res2["models"][1]["format"] == "compiled"
     a, b = (res2["accuracy"][k]["overall"] for k in ("eager", "compiled"))
     assert b["forces"]["rmse"] == pytest.approx(a["forces"]["rmse"], rel=1e-4)

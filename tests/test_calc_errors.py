@@ -20,10 +20,13 @@ from test_extrapolation import NAMES, R_MAX, TOL, _training_structures
 
 from nequip_sus2.active_set import add_extrapolation_grade, build_active_set
 from nequip_sus2.ase import SUS2Calculator
+from nequip_sus2.ase.evaluate import calc_errors
 from nequip_sus2.cli import main
-from nequip_sus2.interop import calc_errors, cfg_to_extxyz, export_mtp, write_package
 from nequip_sus2.io.cfg import CfgFrame, read_cfg, write_cfg
+from nequip_sus2.io.convert import cfg_to_extxyz
+from nequip_sus2.io.mtp_model import export_mtp
 from nequip_sus2.model import SUS2Model
+from nequip_sus2.package import write_package
 
 #: eV/A^3 in GPa (CODATA 2014, the constants ASE uses)
 EV_A3_IN_GPA = 160.21766208

@@ -63,7 +63,7 @@ def test_labels_equal_nequip_ase_path():
 
 def test_stress_sign_and_volume_against_the_published_model():
     """The model's ``stress`` and ``virial`` outputs on CfgDataset items equal the data set's
-    labels: the golden labels are the published model's own predictions (spec §5)."""
+    labels: the golden labels are the published model's own predictions (docs/theory.md §5)."""
     path = require_reference("alloy_sample_golden.cfg")
     model = build(SUS2FromMTP, mtp_path=str(require_reference("alloy.mtp")), type_names=ALLOY)
     dataset = CfgDataset(
@@ -233,7 +233,7 @@ def test_train_config_reads_cfg_directly(tmp_path):
 
     # the trained (published-basis, float32) model goes to .mtp and back unchanged
     from nequip_sus2.cli import main
-    from nequip_sus2.interop import load_model
+    from nequip_sus2.package import load_model
 
     mtp = tmp_path / "new.mtp"
     assert main(["export-mtp", str(run_dir / "last.ckpt"), "-o", str(mtp)]) == 0

@@ -382,7 +382,7 @@ def test_finetune_published_model_with_frozen_scaling(tmp_path, capsys):
     from nequip.data.transforms import NeighborListTransform
 
     from nequip_sus2.data.cfg_dataset import CfgDataset
-    from nequip_sus2.interop import load_model
+    from nequip_sus2.package import load_model
 
     src = require_reference("alloy.mtp")
     pkg = tmp_path / "alloy.nequip.zip"

@@ -129,7 +129,7 @@ def test_convert_output_given_twice_or_never(tiny_cfg, tmp_path, capsys):
 def test_bench_and_lammps_plugin_output_spellings(spelling):
     parser = cli.build_parser()
     args = parser.parse_args(["bench", "m.mtp", "--data", "d.cfg", spelling, "report"])
-    assert args.out == "report"
+    assert args.out_dir == "report"
     args = parser.parse_args(["lammps-plugin", "--build", spelling, "plugins"])
     assert args.out == "plugins"
 
@@ -258,12 +258,12 @@ def test_convert_unreadable_extxyz(case, tmp_path, capsys):
 
 
 def test_unexpected_exception_is_one_line_unless_debugging(tiny_cfg, tmp_path, capsys, monkeypatch):
-    import nequip_sus2.interop as interop
+    import nequip_sus2.io.convert as convert
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("float division by zero")
 
-    monkeypatch.setattr(interop, "cfg_to_extxyz", broken)
+    monkeypatch.setattr(convert, "cfg_to_extxyz", broken)
     monkeypatch.delenv("NEQUIP_SUS2_DEBUG", raising=False)
     code, _, err = run(capsys, "convert", tiny_cfg, tmp_path / "o.xyz", "--type-names", "Cu", "Se")
     assert code == 1 and "Traceback" not in err
@@ -329,7 +329,7 @@ def test_log_handlers_on_stdout_are_moved_to_stderr(capsys):
 
 
 def test_convert_progress_bar(tiny_cfg, tmp_path, capsys):
-    from nequip_sus2.interop import cfg_to_extxyz, extxyz_to_cfg
+    from nequip_sus2.io.convert import cfg_to_extxyz, extxyz_to_cfg
 
     assert cfg_to_extxyz(tiny_cfg, tmp_path / "a.xyz", ["Cu", "Se"], progress=True) == 2
     out, err = capsys.readouterr()

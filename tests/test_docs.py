@@ -191,6 +191,63 @@ def test_no_placeholders_or_internal_references(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# code comments cite docs/theory.md, nothing outside the repository
+# ----------------------------------------------------------------------------------------------
+
+CODE = sorted(
+    p for ext in ("py", "cpp", "h", "yaml") for p in (ROOT / "nequip_sus2").rglob(f"*.{ext}")
+)
+_SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
+#: what code may not cite: the specification outside the repository
+CODE_INTERNAL = [
+    (re.compile(r"(?i)\bspec(ification)?\s*(§|section\s*\d|\d)"), "specification section"),
+    (re.compile(r"sus2-spec"), "internal specification file"),
+]
+
+
+def theory_sections() -> set[str]:
+    """The section numbers of docs/theory.md (``2``, ``2.6``, ...)."""
+    text = (ROOT / "docs" / "theory.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^#{2,4}\s+§(\d+(?:\.\d+)?)\s", text, re.M))
+
+
+def bad_citations(text: str, sections: set[str]) -> list[str]:
+    """Citations of the outside specification, and ``docs/theory.md §N`` citations of sections
+    that do not exist, as 'line N: what'."""
+    found = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for regex, what in CODE_INTERNAL:
+            found += [f"line {n}: {what}: {m.group(0)!r}" for m in regex.finditer(line)]
+        if "theory.md" in line:
+            cited = _SECTION.findall(line[line.index("theory.md") :])
+            found += [
+                f"line {n}: no section §{s} in docs/theory.md" for s in cited if s not in sections
+            ]
+    return found
+
+
+def test_citation_checker_catches_planted_problems():
+    sections = theory_sections()
+    assert {"2", "2.6", "6.7"} <= sections
+    text = "ok (docs/theory.md §2.6, §6)\nspec §4\nsee spec 2.2-2.5\ndocs/theory.md §9.9\n"
+    assert [p.split(": ")[1] for p in bad_citations(text, sections)] == [
+        "specification section",
+        "specification section",
+        "no section §9.9 in docs/theory.md",
+    ]
+
+
+def test_code_found():
+    names = {_rel(p) for p in CODE}
+    assert {"nequip_sus2/program.py", "nequip_sus2/kernels/src/contraction.cpp"} <= names
+
+
+@pytest.mark.parametrize("path", CODE, ids=_rel)
+def test_code_cites_theory_sections_that_exist(path):
+    assert bad_citations(path.read_text(encoding="utf-8"), theory_sections()) == [], _rel(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # --help texts of the command line
 # ----------------------------------------------------------------------------------------------
 

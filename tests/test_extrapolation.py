@@ -365,7 +365,7 @@ def _probe_frames(data):
 
 @pytest.mark.slow
 def test_checkpoints_and_packages_carry_the_grade(trained, tmp_path, capsys):
-    from nequip_sus2.active_set import main
+    from nequip_sus2.cli import active_set_main as main
 
     ckpt, data = trained
     frames, squeezed = _probe_frames(data)
@@ -403,7 +403,7 @@ def test_checkpoints_and_packages_carry_the_grade(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_aoti_compiled_calculator_returns_the_eager_grade(trained, tmp_path):
     """nequip-compile --mode aotinductor --target sus2_ase (~2-3 min here)."""
-    from nequip_sus2.active_set import write_model_with_grade
+    from nequip_sus2.graded_model import write_model_with_grade
 
     ckpt, data = trained
     frames, squeezed = _probe_frames(data)
@@ -411,7 +411,7 @@ def test_aoti_compiled_calculator_returns_the_eager_grade(trained, tmp_path):
     write_model_with_grade(ckpt, data, pkg)
     compiled = tmp_path / "graded.nequip.pt2"
     script = (
-        "import sys; import nequip_sus2.active_set as a; a.register_compile_targets(); "
+        "import sys; import nequip_sus2._compile as c; c.register_compile_targets(); "
         "from nequip.scripts.compile import main; main(sys.argv[1:])"
     )
     run_ok(

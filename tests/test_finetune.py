@@ -13,9 +13,9 @@ import torch
 from _helpers import build, run_ok
 
 from nequip_sus2.data.emt import ELEMENTS, write_emt_dataset
-from nequip_sus2.interop import example_data, write_package
 from nequip_sus2.model import SUS2Model
 from nequip_sus2.nn import DecoupledElementEmbedding, UniversalPairScaling
+from nequip_sus2.package import example_data, write_package
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FROZEN = ("scaling.alpha", "scaling.r0", "embedding.coeffs", "embedding.weights")

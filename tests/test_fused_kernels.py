@@ -1,8 +1,8 @@
 """The fused CPU kernels (``enable_fused_moments``) equal the PyTorch path (issue #6).
 
 The operators ``sus2::basic_moments`` and ``sus2::contract_moments`` are checked against an
-independent evaluation of the spec's equations written here, and by finite differences; models
-with the modifier are checked against the same models without it (float64, 1e-10 relative) on
+independent evaluation of the equations of docs/theory.md written here, and by finite differences;
+models with the modifier are checked against the same models without it (float64, 1e-10 relative) on
 random periodic structures (with edges beyond the cutoff) and on the published models. The AOTI
 route (compile with the modifier, load in a fresh process) is covered against the golden
 predictions in ``test_cli.py``, the LAMMPS route in ``test_lammps.py``.
@@ -28,6 +28,7 @@ from conftest import GOLDEN, SPECIES, require_reference
 from nequip.data import AtomicDataDict
 
 from nequip_sus2.io.cfg import read_cfg
+from nequip_sus2.kernels.fused import FusedMomentContraction, _swapped
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
 from nequip_sus2.nn import LinearReadout, MomentContraction
 
@@ -73,7 +74,7 @@ def _small_model(seed: int, radial_channels: int, radial_basis_size: int, **kwar
 
 
 # ----------------------------------------------------------------------------------------------
-# the operators against the spec's equations
+# the operators against the equations of docs/theory.md
 # ----------------------------------------------------------------------------------------------
 
 
@@ -166,7 +167,7 @@ def test_basic_moments_gradient_by_finite_differences(ops):
 def test_basic_moments_with_long_segments_and_threads(ops):
     """Edges sorted by centre with hundreds per atom (the kernels split an atom's edges into
     several segments), two threads (per-thread accumulators) and a radial basis size without an
-    unrolled kernel (7): same moments as the spec, gradients by finite differences."""
+    unrolled kernel (7): same moments as docs/theory.md, gradients by finite differences."""
     p = _problem(seed=3, E=5000, N=6, R=7)
     order = torch.argsort(p["center"], stable=True)
     p["center"], p["neighbor"], p["vec"] = p["center"][order], p["neighbor"][order], p["vec"][order]
@@ -260,12 +261,16 @@ def test_contract_readout_matches_the_program(ops, L, K, full_rank):
     from nequip_sus2.program import basis_counts, generate_program
 
     program = generate_program(L, K, full_rank=full_rank)
-    module = MomentContraction(program, irreps_in={"edge_embedding": None})
+    module = _swapped(
+        FusedMomentContraction, MomentContraction(program, irreps_in={"edge_embedding": None})
+    )
     readout = LinearReadout(len(program.mapping), irreps_in=module.irreps_out).double()
-    module._fold_readout(torch.nn.Sequential(module, readout))
+    module.attach(torch.nn.Sequential(module, readout), [], readout)
     n2 = K * (K + 1) // 2
-    assert module.fold_readout and readout.fused
-    assert module.readout_quad.numel() == L * n2 * (L * n2 + 1) // 2  # N(N+1)/2 of spec 6
+    assert module.fold_readout
+    assert (
+        module.readout_quad.numel() == L * n2 * (L * n2 + 1) // 2
+    )  # N(N+1)/2 of docs/theory.md §6.7
     assert module.readout_quad_slots.numel() == L * n2  # the rank >= 1 Gram entries D_l(a,b)
     assert module.readout_quad.numel() + module.readout_linear.numel() == sum(
         basis_counts(L, K, full_rank).values()
@@ -400,7 +405,7 @@ def test_fused_model_with_an_extrapolation_grade(ops):
     data = random_fcc_structure(np.random.default_rng(13), len(EMT), 5.0)
     reference = graded.eval()(dict(data))[EXTRAPOLATION_GRADE_KEY].detach()
     for fused in (before, after):
-        assert not next(m for m in fused.modules() if isinstance(m, LinearReadout)).fused
+        assert not next(m for m in fused.modules() if isinstance(m, MomentContraction)).fold_readout
         assert_same(evaluate_model(fused, data), evaluate_model(graded, data))
         torch.testing.assert_close(fused(dict(data))[EXTRAPOLATION_GRADE_KEY], reference)
     with pytest.raises(ValueError, match="never forms the scalar basis"):
@@ -453,3 +458,25 @@ def test_library_build_is_cached(ops, tmp_path, monkeypatch):
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp
     monkeypatch.setattr(kernels, "capability_flags", lambda: [])
     assert kernels.cached_library() != first
+
+
+def test_modifier_swaps_modules_and_keeps_the_state(ops):
+    """The kernel modules replace the concept modules with the same state dict (keys, values);
+    a second application changes nothing; train() mode gives the unmodified model's output."""
+    from nequip_sus2.kernels import fused as kernel_modules
+
+    model = _small_model(17, 2, 5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = copy.deepcopy(model)
+    for _ in range(2):
+        MomentContraction.enable_fused_moments(fused)
+    assert fused.state_dict().keys() == state.keys()
+    for key, value in fused.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    kinds = {type(m) for m in fused.modules()}
+    for name in ("FusedPairScaling", "FusedRadialBasis", "FusedElementEmbedding",
+                 "FusedMomentContraction", "FusedReadout"):  # fmt: skip
+        assert getattr(kernel_modules, name) in kinds
+    data = random_fcc_structure(np.random.default_rng(17), len(EMT), 5.0)
+    assert_same(evaluate_model(fused.eval(), data), evaluate_model(model.eval(), data))
+    assert_same(evaluate_model(fused.train(), data), evaluate_model(model.train(), data))

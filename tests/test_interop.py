@@ -1,4 +1,4 @@
-"""Python API of nequip_sus2.interop: .mtp import/export, NequIP packages, .cfg <-> extxyz.
+"""Python API of .mtp import/export, NequIP packages and .cfg <-> extxyz conversion.
 
 References are independent of the code under test: the published ``.mtp`` bytes, the golden
 predictions of the published models, NequIP's own loaders (``ModelFromPackage``,
@@ -24,20 +24,14 @@ from conftest import GOLDEN, SHARED, SPECIES, require_reference
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from nequip_sus2 import interop
-from nequip_sus2.interop import (
-    InteropError,
-    cfg_to_extxyz,
-    export_mtp,
-    extxyz_to_cfg,
-    import_mtp,
-    model_to_mtp,
-    read_type_names,
-    write_package,
-)
+from nequip_sus2.errors import InteropError
 from nequip_sus2.io.cfg import MIN_CELL_MEASURE, CfgFrame, cell_measure, read_cfg, write_cfg
+from nequip_sus2.io.convert import _RESERVED_INFO, cfg_to_extxyz, extxyz_to_cfg
 from nequip_sus2.io.mtp import format_mtp, read_mtp, write_mtp
+from nequip_sus2.io.mtp_model import export_mtp, import_mtp, import_mtp_to_package, model_to_mtp
+from nequip_sus2.io.species import read_type_names
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
+from nequip_sus2.package import example_data, write_package
 from nequip_sus2.program import generate_program
 
 
@@ -83,20 +77,22 @@ def test_export_after_changing_parameters():
 
 
 def test_export_without_recorded_file_info():
-    """Without the file's header info (only the program is recorded) the export still holds
-    the model: header defaults, values equal (b up to rounding); without the program, refused."""
+    """Without the file's header info (only the program is recorded, on the contraction
+    module) the export still holds the model: header defaults, values equal (b up to rounding);
+    without the program, refused."""
     path, _ = published("alloy")
     mtp = read_mtp(path)
     model = import_mtp(path, SPECIES["alloy"])
-    scaling = model.model.func.scaling
-    scaling.mtp_info = {"program": scaling.mtp_info["program"]}
+    moments = model.model.func.moments
+    assert moments.mtp_info["potential_name"] == mtp.potential_name  # what is dropped here
+    moments.mtp_info = {}
     with pytest.warns(UserWarning, match="min_dist"):
         out = model_to_mtp(model)
     assert out.program == mtp.program
     assert out.sigma == mtp.sigma and out.potential_name is None
     assert out.scal_coeffs == mtp.scal_coeffs and out.moment_coeffs == mtp.moment_coeffs
     np.testing.assert_allclose(out.shift_coeffs, mtp.shift_coeffs, rtol=1e-15, atol=0)
-    del scaling.mtp_info
+    del moments.program
     with pytest.raises(InteropError, match="does not record its contraction program"):
         model_to_mtp(model)
 
@@ -232,7 +228,7 @@ def test_type_names_file_errors(text, match, tmp_path):
 def cu2se_package(tmp_path_factory):
     path, _ = published("cu2se_p")
     out = tmp_path_factory.mktemp("pkg") / "cu2se.nequip.zip"
-    interop.import_mtp_to_package(path, SPECIES["cu2se_p"], out)
+    import_mtp_to_package(path, SPECIES["cu2se_p"], out)
     return out
 
 
@@ -291,7 +287,7 @@ def test_freeze_modifier_on_packaged_model(cu2se_package):
     assert not scaling.alpha.requires_grad and not scaling.r0.requires_grad
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = interop.example_data(model)
+    data = example_data(model)
     for _ in range(2):
         opt.zero_grad()
         out = model(dict(data))
@@ -350,7 +346,8 @@ def test_cfg_extxyz_cfg_is_exact(name, tmp_path):
 
 
 def test_extxyz_is_read_by_ase_with_the_right_conventions(tmp_path):
-    """ASE's own reader sees stress = -PlusStress / V and virial = PlusStress (spec §2.8)."""
+    """ASE's own reader sees stress = -PlusStress / V and virial = PlusStress (docs/theory.md
+    §2.8)."""
     import ase.io
 
     src = require_reference("cathod_golden.cfg")
@@ -408,7 +405,7 @@ def test_extxyz_to_cfg_reports_unrepresentable(tmp_path):
 
 
 feature_key = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True).filter(
-    lambda k: k not in interop._RESERVED_INFO
+    lambda k: k not in _RESERVED_INFO
 )
 feature_value = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=10
@@ -458,3 +455,18 @@ def test_property_cfg_extxyz_round_trip(data):
         cfg_to_extxyz(tmp / "in.cfg", tmp / "a.xyz", ["Cu", "Se", "O"])
         extxyz_to_cfg(tmp / "a.xyz", tmp / "out.cfg", ["Cu", "Se", "O"])
         _same_frames(read_cfg(tmp / "out.cfg"), data)
+
+
+def test_former_interop_names_still_import_with_a_warning():
+    """Scripts written against ``nequip_sus2.interop`` keep working: every former name is the
+    object of its new module, with a DeprecationWarning that names where it lives now."""
+    import importlib
+
+    import nequip_sus2.interop as former
+
+    for name, module in former.MOVED.items():
+        with pytest.warns(DeprecationWarning, match=f"{module}.{name}"):
+            obj = getattr(former, name)
+        assert obj is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        former.no_such_name  # noqa: B018

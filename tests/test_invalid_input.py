@@ -165,7 +165,7 @@ def test_nan_cutoff_does_not_hang_calc_errors(mtp_text, tmp_path):
 def test_export_refuses_non_finite_parameters(tmp_path):
     """export-mtp never writes nan/inf: a model with a nan parameter is refused (naming the
     parameter), and so is an ``MTPFile`` with one (naming the field)."""
-    from nequip_sus2.interop import export_mtp, import_mtp
+    from nequip_sus2.io.mtp_model import export_mtp, import_mtp
 
     model = import_mtp(require_reference("cu2se_p.mtp"), ["Cu", "Se"])
     name, param = next((n, p) for n, p in model.named_parameters() if p.numel() > 1)
@@ -186,7 +186,8 @@ def test_export_refuses_non_finite_parameters(tmp_path):
 def test_package_with_nan_parameter_is_refused(tmp_path, capsys):
     """A package whose model holds a nan: export-mtp names the parameter, calc-errors refuses
     to report nan errors; neither writes a file."""
-    from nequip_sus2.interop import import_mtp, write_package
+    from nequip_sus2.io.mtp_model import import_mtp
+    from nequip_sus2.package import write_package
 
     model = import_mtp(require_reference("cu2se_p.mtp"), ["Cu", "Se"])
     name, param = next((n, p) for n, p in model.named_parameters() if p.numel() > 1)

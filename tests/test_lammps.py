@@ -25,7 +25,7 @@ import pytest
 from _helpers import run_ok
 from conftest import SPECIES, require_reference
 
-from nequip_sus2.lammps.target import (
+from nequip_sus2._compile import (
     PAIR_SUS2_GRADE_TARGET,
     PAIR_SUS2_INPUTS,
     PAIR_SUS2_TARGET,
@@ -66,7 +66,7 @@ def test_ghost_atom_data_reproduces_the_periodic_model():
     from _helpers import frame_data
     from nequip.data import AtomicDataDict
 
-    from nequip_sus2.interop import import_mtp
+    from nequip_sus2.io.mtp_model import import_mtp
 
     model = import_mtp(require_reference("cu2se_p.mtp"), SPECIES["cu2se_p"]).eval()
     rng = np.random.default_rng(0)
@@ -558,7 +558,7 @@ def test_per_atom_virial(name, ranks, newton, plugin, alloy, tmp_path):
     """``compute stress/atom`` and ``compute centroid/stress/atom`` (float64 Alloy model): the
     per-atom virials sum to the global virial and equal the eager model's edge-derivative
     virials; energies and forces on these steps are unchanged."""
-    from nequip_sus2.interop import import_mtp
+    from nequip_sus2.io.mtp_model import import_mtp
     from nequip_sus2.lammps.run import single_point
 
     atoms = STRUCTURES[name](ALLOY_SPECIES)

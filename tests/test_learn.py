@@ -412,7 +412,7 @@ def test_failed_training_is_one_line_and_resumable(inputs, tmp_path, capsys, mon
 def test_cfg_training_set_is_converted(tmp_path):
     """A .cfg training set (type indices) becomes the loop's extxyz set with the given species;
     without --type-names it is refused in one line."""
-    from nequip_sus2.interop import extxyz_to_cfg
+    from nequip_sus2.io.convert import extxyz_to_cfg
     from nequip_sus2.learn import _initial_data
 
     structures = _emt_labelled(_cells(3, seed=5))

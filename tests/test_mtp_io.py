@@ -1,4 +1,5 @@
-"""Tests of the ``.mtp`` reader and writer (spec §3.1) and the parameter count (spec §2.9).
+"""Tests of the ``.mtp`` reader and writer (docs/theory.md §3.1) and the parameter count
+(docs/theory.md §2.9).
 
 Values of the published files are checked against numbers read from the file text by the small,
 independent helpers below, never against the parser itself.
@@ -25,7 +26,7 @@ from nequip_sus2.program import ContractionProgram, generate_program
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 PUBLISHED = ["alloy.mtp", "cathod.mtp", "cu2se_p.mtp"]
-# Parameter counts quoted in spec §2.9 (cu2se_p is computed from its header only).
+# Parameter counts quoted in docs/theory.md §2.9 (cu2se_p is computed from its header only).
 QUOTED_PARAMETER_COUNT = {"alloy.mtp": 17657, "cathod.mtp": 2066, "cu2se_p.mtp": None}
 COEFF_KEYS = ("shift_coeffs", "scal_coeffs", "species_coeffs", "moment_coeffs")
 
@@ -170,7 +171,8 @@ def test_published_values_match_file_text(name: str) -> None:
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_parameter_count_by_hand(name: str) -> None:
-    """P = C + 2 N_eta C^2 + N_mu (R + C) + C + N_B (spec §2.9), from the header values."""
+    """P = C + 2 N_eta C^2 + N_mu (R + C) + C + N_B (docs/theory.md §2.9), from the header
+    values."""
     path, text = reference_text(name)
     C, L = int_value(text, "species_count"), int_value(text, "L")
     R, n_mu = int_value(text, "radial_basis_size"), int_value(text, "radial_funcs_count")
@@ -194,7 +196,7 @@ def test_parameter_count_by_hand(name: str) -> None:
 
 
 def template_text(program: ContractionProgram, L: int, scaling_map: str, C: int, R: int) -> str:
-    """An untrained template in the terse style of the original templates (spec §3.1)."""
+    """An untrained template in the terse style of the original templates (docs/theory.md §3.1)."""
     n_mu = 1 + max(mu for mu, *_ in program.basic)
 
     def entries(es) -> str:
@@ -757,7 +759,7 @@ def test_missing_coefficient_block(tmp_path: Path, base_text: str, key: str) -> 
 
 
 def test_optional_keys_may_be_absent(tmp_path: Path, base_text: str) -> None:
-    """version, potential_name, scaling and potential_tag are optional (spec §3.1)."""
+    """version, potential_name, scaling and potential_tag are optional (docs/theory.md §3.1)."""
     text = base_text
     for prefix in ("version", "potential_name", "scaling =", "potential_tag"):
         text = delete_line(text, prefix)

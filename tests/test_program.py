@@ -1,22 +1,31 @@
-"""Tests of the SUS2 contraction-program generator (spec §2.5, §2.6, §6)."""
+"""Tests of the SUS2 contraction-program generator (docs/theory.md §2.5, §2.6, §6)."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nequip_sus2.program import ContractionProgram, basis_counts, generate_program
+from nequip_sus2.program import (
+    SCALING_MAPS,
+    ContractionProgram,
+    basis_counts,
+    generate_program,
+    infer_scaling_map,
+    num_scaling_channels,
+    scaling_channel_of_mu,
+)
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 # (file, L, K) of the published models.
 PUBLISHED = [("alloy.mtp", 2, 3), ("cathod.mtp", 3, 3), ("cu2se_p.mtp", 3, 2)]
 
-# Basis sizes quoted in spec §6: (published N_B, numerical rank = full-rank N_B).
+# Basis sizes quoted in docs/theory.md §6: (published N_B, numerical rank = full-rank N_B).
 QUOTED_SIZES = {(2, 3): (175, 169), (3, 3): (322, 310), (2, 2): (62, 59), (3, 2): (109, 103)}
 
 SHAPES = [(L, K) for L in (1, 2, 3) for K in (1, 2, 3)]
@@ -103,7 +112,7 @@ def test_quoted_basis_sizes(L: int, K: int) -> None:
 
 
 def test_quoted_degree_counts() -> None:
-    """Per-degree counts quoted in spec §6."""
+    """Per-degree counts quoted in docs/theory.md §6."""
     assert basis_counts(2, 3) == {1: 3, 2: 18, 3: 64, 4: 90}
     assert basis_counts(3, 3) == {1: 3, 2: 24, 3: 100, 4: 195}
     assert basis_counts(2, 2) == {1: 2, 2: 9, 3: 24, 4: 27}
@@ -162,7 +171,7 @@ def test_rotation_invariance(L: int, K: int, full_rank: bool) -> None:
 @pytest.mark.parametrize(("L", "K"), SHAPES)
 def test_full_rank_numerically(L: int, K: int) -> None:
     """The full-rank basis has full numerical rank on random environments; the published
-    layout has exactly the duplicates named in spec §6."""
+    layout has exactly the duplicates named in docs/theory.md §6."""
     rng = np.random.default_rng(7 * L + K)
     full = generate_program(L, K)
     reduced = generate_program(L, K, full_rank=True)
@@ -211,3 +220,60 @@ def test_invalid_K(K: int) -> None:
         generate_program(2, K)
     with pytest.raises(ValueError, match="K = "):
         basis_counts(2, K)
+
+
+@pytest.mark.parametrize(("L", "K", "full_rank"), [(1, 2, False), (2, 3, False), (3, 2, True)])
+def test_stages_are_independent_and_complete(L: int, K: int, full_rank: bool) -> None:
+    """Each stage only reads slots that no entry of the same or a later stage writes, and the
+    stages hold every entry once: evaluating stage by stage equals the entry-by-entry order."""
+    program = generate_program(L, K, full_rank=full_rank)
+    entries, bounds = program.stages()
+    assert Counter(entries) == Counter(program.times)
+    assert bounds[0] == 0 and bounds[-1] == len(entries) and bounds == sorted(set(bounds))
+    for s in range(len(bounds) - 1):
+        written_later = {e[3] for e in entries[bounds[s] :]}
+        assert not {x for e in entries[bounds[s] : bounds[s + 1]] for x in e[:2]} & written_later
+    rng = np.random.default_rng(L * 10 + K)
+    basic = rng.normal(size=len(program.basic))
+    by_stage = _run(program, basic)
+    staged = ContractionProgram(
+        program.moments_count, program.basic, tuple(entries), program.mapping
+    )
+    np.testing.assert_allclose(_run(staged, basic), by_stage, rtol=1e-13)
+
+
+def _run(program: ContractionProgram, basic: np.ndarray) -> np.ndarray:
+    moments = np.zeros(program.moments_count)
+    moments[: len(basic)] = basic
+    for p, q, m, o in program.times:
+        moments[o] += m * moments[p] * moments[q]
+    return moments[list(program.mapping)]
+
+
+def test_program_dict_round_trip() -> None:
+    program = generate_program(3, 2, full_rank=True)
+    data = program.to_dict()
+    assert all(isinstance(v, (int, list)) for v in data.values())  # plain data, no tuples
+    assert ContractionProgram.from_dict(data) == program
+
+
+def test_canonical_shape() -> None:
+    for L, K in [(1, 3), (2, 2), (3, 1)]:
+        assert generate_program(L, K).canonical_shape() == (K, L)
+    program = generate_program(2, 2)
+    swapped = list(program.basic)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    assert replace(program, basic=tuple(swapped)).canonical_shape() is None
+
+
+@pytest.mark.parametrize("scaling_map", SCALING_MAPS)
+def test_scaling_map_inference(scaling_map: str) -> None:
+    """The map of a channel table is found again (ties resolve to the first of K, L, LK)."""
+    for L, n_mu in [(2, 9), (3, 8), (1, 6)]:
+        eta = scaling_channel_of_mu(scaling_map, L, n_mu)
+        found = infer_scaling_map(eta, L)
+        assert scaling_channel_of_mu(found, L, n_mu) == eta
+        assert num_scaling_channels(found, n_mu, L) == max(eta) + 1
+    assert infer_scaling_map([0, 0, 1, 2, 2, 2], 2) is None
+    with pytest.raises(ValueError, match="scaling_map must be one of"):
+        scaling_channel_of_mu("KL", 2, 9)

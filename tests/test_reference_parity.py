@@ -1,4 +1,4 @@
-"""Exact parity with the published SUS2 models in ``../shared/reference`` (spec §5).
+"""Exact parity with the published SUS2 models in ``../shared/reference`` (docs/theory.md §5).
 
 Models loaded with :func:`nequip_sus2.model.SUS2FromMTP` must reproduce the golden predictions
 (float64: energies 1e-8 relative, forces and virials 1e-7 absolute) and the published model's
@@ -18,7 +18,7 @@ from nequip_sus2.io.cfg import read_cfg
 from nequip_sus2.io.mtp import read_mtp
 from nequip_sus2.model import SUS2FromMTP
 
-# published parameter counts (spec §2.9); cu2se_p from the same formula by hand:
+# published parameter counts (docs/theory.md §2.9); cu2se_p from the same formula by hand:
 # C=2, N_eta=2 (K map, N_mu=8, L=3), R=8: 2 + 2*2*4 + 8*(8+2) + 2 + 109 = 209
 PUBLISHED_PARAMETER_COUNT = {"alloy": 17657, "cathod": 2066, "cu2se_p": 209}
 
@@ -149,7 +149,7 @@ def test_published_alloy_dft_errors():
         dw.append((out["virial"] - frame.plus_stress) / volume)
     de, df, dw = np.array(de), np.concatenate(df), np.concatenate(dw)
     rmse = lambda x: float(np.sqrt(np.mean(x**2)))  # noqa: E731
-    # spec §5: 27.39 / 19.34 meV/atom, 0.1836 / 0.1228 eV/A, 0.0083 eV/A^3
+    # docs/theory.md §5: 27.39 / 19.34 meV/atom, 0.1836 / 0.1228 eV/A, 0.0083 eV/A^3
     assert rmse(de) * 1000 == pytest.approx(27.39, abs=0.01)
     assert np.abs(de).mean() * 1000 == pytest.approx(19.34, abs=0.01)
     assert rmse(df) == pytest.approx(0.1836, abs=1e-4)

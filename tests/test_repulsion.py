@@ -19,9 +19,11 @@ from ase.data import atomic_numbers
 from conftest import GOLDEN, SPECIES, require_reference
 
 from nequip_sus2.cli import main
-from nequip_sus2.interop import InteropError, model_to_mtp, shortest_pair_distances
+from nequip_sus2.data.distances import shortest_pair_distances
+from nequip_sus2.errors import InteropError
 from nequip_sus2.io.cfg import read_cfg
 from nequip_sus2.io.mtp import read_mtp
+from nequip_sus2.io.mtp_model import model_to_mtp
 from nequip_sus2.model import SUS2FromMTP, SUS2Model
 from nequip_sus2.nn.core import RepulsiveCore, core_radius_table, smoothstep
 
@@ -429,7 +431,7 @@ def test_import_mtp_cli(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "ZBL below an inner radius of 1.85 A" in captured.out
-    from nequip_sus2.interop import load_model
+    from nequip_sus2.package import load_model
 
     model = load_model(out)
     (core,) = [m for m in model.modules() if type(m).__name__ == "RepulsiveCore"]

@@ -2,20 +2,22 @@
 
 Python API::
 
-    from nequip_sus2.bench import run_bench
+    from nequip_sus2.bench import BenchOptions, run_bench
 
     result = run_bench(
-        {"SUS2": "sus2/best.ckpt", "NequIP": "nequip/best.ckpt", "Allegro": allegro_model},
-        data=["test.xyz"],
-        out_dir="bench_report",
+        BenchOptions(
+            {"SUS2": "sus2/best.ckpt", "NequIP": "nequip/best.ckpt", "Allegro": allegro_model},
+            data=["test.xyz"],
+            out_dir="bench_report",
+        )
     )
     result.results["accuracy"]["SUS2"]["overall"]["forces"]["rmse"]  # eV/A
 
 Command line: ``nequip-sus2 bench MODEL [MODEL ...] --data FILE -o DIR`` (see
-:mod:`nequip_sus2.bench.cli`; ``python -m nequip_sus2.bench`` works too). Docs:
-``docs/metrology.md``.
+:mod:`nequip_sus2.bench.cli`; ``python -m nequip_sus2.bench`` works too); each option is a field
+of :class:`~nequip_sus2.bench.options.BenchOptions`. Docs: ``docs/metrology.md``.
 
-This package module stays light (only ``argparse``): the heavy parts load on first use.
+This package module stays light (``argparse`` and dataclasses): the heavy parts load on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cli import add_parser, build_parser, main, run_from_args
+from .options import BenchOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import BenchModel, load_bench_model
@@ -30,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "BenchModel",
+    "BenchOptions",
     "BenchResult",
     "add_parser",
     "build_parser",

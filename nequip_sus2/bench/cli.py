@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from .options import BenchOptions, Flag
 
 DESCRIPTION = (
     "Benchmark NequIP-framework models (SUS2, NequIP, Allegro; checkpoints, packages, compiled "
@@ -29,120 +33,59 @@ EPILOG = (
 )
 
 
+@dataclass(frozen=True)
+class _Beside:
+    """A command-line-only argument, added right after the arguments of a :class:`BenchOptions`
+    field; ``exclusive``: given instead of that field."""
+
+    names: tuple[str, ...]
+    kwargs: Mapping[str, Any]
+    exclusive: bool = False
+
+
+#: ``--out``: the former spelling of ``-o/--output``; ``--type-names-file``: the species from a
+#: file; ``--quick``: the cheap parts only
+_BESIDE = {
+    "out_dir": _Beside(("--out",), {"dest": "out_dir", "help": argparse.SUPPRESS}, exclusive=True),
+    "type_names": _Beside(
+        ("--type-names-file",),
+        {"metavar": "FILE", "help": "YAML/JSON file with the species list ([Cu, Se], 'Cu Se', "
+         "{type_names: [...]})"},
+        exclusive=True,
+    ),
+    "plots": _Beside(
+        ("--quick",),
+        {"action": "store_true",
+         "help": "accuracy and SUS2 parts only (same as --skip-eos --skip-md --skip-cost)"},
+    ),
+}  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "models",
-        nargs="+",
-        metavar="MODEL",
-        help="model file: .ckpt, .nequip.zip, .nequip.pt2 (nequip-compile --target ase) or a "
-        "trained .mtp (needs --type-names); NAME=PATH sets the name shown in the report",
-    )
-    p.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="labelled structures: .cfg (needs the species of its type indices) or any file ASE "
-        "reads (extxyz, ...); repeat for several files",
-    )
-    out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("-o", "--output", dest="out", metavar="DIR", help="output directory")
-    out.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the former spelling
-    names = p.add_mutually_exclusive_group()
-    names.add_argument(
-        "--type-names",
-        nargs="+",
-        metavar="NAME",
-        help="species of .cfg type indices 0, 1, ... (and of .mtp models); default for .cfg "
-        "data: the models' type names when all models share them",
-    )
-    names.add_argument(
-        "--type-names-file",
-        metavar="FILE",
-        help="YAML/JSON file with the species list ([Cu, Se], 'Cu Se', {type_names: [...]})",
-    )
-    p.add_argument(
-        "--model-dtype",
-        choices=("float64", "float32"),
-        default="float64",
-        help="precision of models built from .mtp files (default float64)",
-    )
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--group-key",
-        default=None,
-        help="info key of the configuration group (extxyz config_type/group, .cfg Feature key); "
-        "default: the first of config_type, group, config_group, Feature present",
-    )
-    p.add_argument(
-        "--max-frames", type=int, default=None, help="at most N structures per data file"
-    )
-    p.add_argument("--batch-size", type=int, default=16, help="structures per model call (16)")
-
-    skip = p.add_argument_group("parts")
-    for part in ("accuracy", "eos", "md", "cost", "sus2", "plots"):
-        skip.add_argument(f"--skip-{part}", action="store_true", help=f"skip the {part} part")
-    skip.add_argument(
-        "--quick",
-        action="store_true",
-        help="accuracy and SUS2 parts only (same as --skip-eos --skip-md --skip-cost)",
-    )
-
-    e = p.add_argument_group("equation of state")
-    e.add_argument(
-        "--eos-structure",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="structure file for the EOS; several frames of one composition with energies at "
-        "different volumes are a reference E(V) curve (repeatable)",
-    )
-    e.add_argument(
-        "--eos-auto",
-        nargs="*",
-        default=["data"],
-        choices=("data", "fcc", "bcc"),
-        help="automatic EOS structures: data (lowest reference energy per atom), fcc, bcc "
-        "(default: data; give no value for none)",
-    )
-    e.add_argument("--eos-elements", nargs="+", default=None, help="elements of fcc/bcc")
-    e.add_argument("--eos-points", type=int, default=9, help="points per E(V) scan (9)")
-    e.add_argument("--eos-strain", type=float, default=0.05, help="largest linear strain (0.05)")
-
-    m = p.add_argument_group("molecular dynamics")
-    m.add_argument("--md-structure", default=None, help="starting structure (default: the "
-                   "data structure with the lowest energy per atom)")  # fmt: skip
-    m.add_argument("--md-steps", type=int, default=200, help="NVE steps (200)")
-    m.add_argument("--md-timestep", type=float, default=1.0, help="time step, fs (1.0)")
-    m.add_argument("--md-temperature", type=float, default=300.0, help="initial T, K (300)")
-    m.add_argument("--md-min-atoms", type=int, default=32, help="repeat the cell to >= N (32)")
-    m.add_argument("--md-seed", type=int, default=0, help="velocity seed (0)")
-
-    c = p.add_argument_group("cost")
-    c.add_argument(
-        "--sizes",
-        nargs="+",
-        type=int,
-        default=None,
-        help="system sizes in atoms (default 64 256 1024; e.g. 100 1000 10000 on a GPU)",
-    )
-    c.add_argument(
-        "--compile",
-        action="store_true",
-        help="also AOT-compile each eager model (nequip-compile --target ase; minutes on a CPU) "
-        "and measure it",
-    )
-    c.add_argument("--cost-min-time", type=float, default=1.0, help="seconds per size (1.0)")
-    c.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
-
-    s = p.add_argument_group("SUS2")
-    s.add_argument("--pairs", nargs="+", default=None, metavar="A-B",
-                   help="species pairs of the radial-curve plot (default: from the data)")  # fmt: skip
-    s.add_argument("--max-curves", type=int, default=6, help="radial functions shown (6)")
-
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--strict", action="store_true", help="stop at the first error")
+    """The arguments of every :class:`BenchOptions` field with a :class:`Flag`, in field order
+    (defaults, help and argument groups from the fields), and the command-line-only ones."""
+    groups: dict[str | None, Any] = {None: p}
+    for f in fields(BenchOptions):
+        flag: Flag | None = f.metadata.get("flag")
+        if flag is None:
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = p.add_argument_group(flag.group)
+        box = groups[flag.group]
+        beside = _BESIDE.get(f.name)
+        exclusive = beside is not None and beside.exclusive
+        if exclusive:
+            box = box.add_mutually_exclusive_group(required=flag.required)
+        kwargs = dict(flag.kwargs)
+        if f.default is not MISSING:  # argparse appends to (a copy of) a list default
+            kwargs["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+        if flag.names[0].startswith("-"):
+            kwargs["dest"] = f.name
+            if flag.required and not exclusive:
+                kwargs["required"] = True
+        box.add_argument(*flag.names, help=flag.help_text(f.default), **kwargs)
+        if beside is not None:
+            box.add_argument(*beside.names, **beside.kwargs)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -162,8 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _type_names(args) -> list[str] | None:
     if args.type_names_file:
         try:
-            from ..interop import read_type_names
-        except ImportError:  # pragma: no cover - interop is part of the package
+            from ..io.species import read_type_names
+        except ImportError:  # pragma: no cover - io.species is part of the package
             read_type_names = None
         if read_type_names is not None:
             return read_type_names(args.type_names_file)
@@ -177,56 +120,24 @@ def _type_names(args) -> list[str] | None:
     return args.type_names
 
 
-def run_from_args(args, argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark for parsed arguments; prints where the report went."""
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from .runner import run_bench
-
-    quick = args.quick
-    command = "nequip-sus2 bench " + shlex.join(
+def options_from_args(args, argv: Sequence[str] | None = None) -> BenchOptions:
+    """The :class:`BenchOptions` of parsed arguments (``argv``: the command line shown in the
+    report; default ``sys.argv``)."""
+    values = {f.name: getattr(args, f.name) for f in fields(BenchOptions) if "flag" in f.metadata}
+    values["type_names"] = _type_names(args)
+    if args.quick:
+        values.update(eos=False, md=False, cost=False)
+    values["command"] = "nequip-sus2 bench " + shlex.join(
         list(argv) if argv is not None else sys.argv[2:] if len(sys.argv) > 2 else []
     )
-    res = run_bench(
-        args.models,
-        args.data,
-        args.out,
-        type_names=_type_names(args),
-        model_dtype=args.model_dtype,
-        device=args.device,
-        group_key=args.group_key,
-        max_frames=args.max_frames,
-        batch_size=args.batch_size,
-        accuracy=not args.skip_accuracy,
-        eos=not (args.skip_eos or quick),
-        md=not (args.skip_md or quick),
-        cost=not (args.skip_cost or quick),
-        sus2=not args.skip_sus2,
-        plots=not args.skip_plots,
-        eos_structures=args.eos_structure,
-        eos_auto=args.eos_auto,
-        eos_elements=args.eos_elements,
-        eos_points=args.eos_points,
-        eos_strain=args.eos_strain,
-        md_structure=args.md_structure,
-        md_steps=args.md_steps,
-        md_timestep_fs=args.md_timestep,
-        md_temperature_K=args.md_temperature,
-        md_min_atoms=args.md_min_atoms,
-        md_seed=args.md_seed,
-        **({"sizes": args.sizes} if args.sizes else {}),
-        compile=args.compile,
-        cost_min_time=args.cost_min_time,
-        cost_memory=not args.no_memory,
-        sus2_pairs=args.pairs,
-        sus2_max_curves=args.max_curves,
-        progress=False if args.no_progress else None,
-        strict=args.strict,
-        command=command,
-    )
-    _print_summary(res)
+    return BenchOptions(**values)
+
+
+def run_from_args(args, argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark for parsed arguments; prints where the report went."""
+    from .runner import run_bench  # heavy: torch, nequip and matplotlib load only here
+
+    _print_summary(run_bench(options_from_args(args, argv)))
     return 0
 
 

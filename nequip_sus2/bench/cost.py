@@ -33,12 +33,10 @@ from typing import Any
 import torch
 
 from .models import BenchModel, load_bench_model
+from .options import DEFAULT_SIZES
 from .physics import supercell_for
 
-__all__ = ["DEFAULT_SIZES", "MEMORY_NOTE", "aoti_compile", "aoti_compile_all", "measure_cost"]
-
-#: default system sizes (atoms); small enough for a 2-core CPU
-DEFAULT_SIZES = (64, 256, 1024)
+__all__ = ["MEMORY_NOTE", "aoti_compile", "aoti_compile_all", "measure_cost"]
 
 
 def _sync(device: torch.device) -> None:
@@ -169,7 +167,7 @@ def aoti_compile(
     """AOT-compile an eager model for the ASE target and load it (``nequip-compile``).
 
     Checkpoints and packages are compiled from their file; ``.mtp`` and in-memory models are
-    first written as a package (:func:`nequip_sus2.interop.write_package`). ``modifiers`` are
+    first written as a package (:func:`nequip_sus2.package.write_package`). ``modifiers`` are
     passed to ``nequip-compile --modifiers`` (e.g. ``enable_fused_moments``).
     """
     return aoti_compile_all([(model, modifiers)], out_dir, timeout=timeout, workers=1)[0]
@@ -222,7 +220,7 @@ def _compile_command(
     target = out_dir / f"{safe}.nequip.pt2"
     source = model.source
     if model.fmt not in ("checkpoint", "package"):
-        from ..interop import write_package
+        from ..package import write_package
 
         source = str(tmp / f"{safe}.nequip.zip")
         eager = model.model

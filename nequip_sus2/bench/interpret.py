@@ -1,6 +1,6 @@
 r"""SUS2 interpretability: universal radial curves, per-species energy scale/shift, (alpha, r0).
 
-A SUS2 radial function factorises (spec §2.3-2.4) as
+A SUS2 radial function factorises (docs/theory.md §2.3-2.4) as
 
 .. math:: f_\mu(r; Z_i, Z_j) = w_{Z_i} w_{Z_j}\,\sigma (r - R_c)^2\, g_\mu(r^*),\qquad
           g_\mu(x) = \sum_n c_{\mu n} T_n(\tanh(x/2)),\quad

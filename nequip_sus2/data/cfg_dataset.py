@@ -35,8 +35,9 @@ from nequip.data import AtomicDataDict, from_dict
 from nequip.data.datamodule import NequIPDataModule
 from nequip.data.dataset import AtomicDataset
 
-from ..interop import _check_names, cfg_error, check_type_range
 from ..io.cfg import CfgFormatError, CfgFrame, iter_cfg
+from ..io.datafile import cfg_error, check_type_range
+from ..io.species import check_type_names
 
 __all__ = ["CfgDataModule", "CfgDataset", "frame_to_data"]
 
@@ -115,7 +116,7 @@ class CfgDataset(AtomicDataset):
     ):
         super().__init__(transforms=transforms)
         self.file_path = os.fspath(file_path)
-        self.type_names = _check_names(list(type_names), f"{self.file_path}: type_names")
+        self.type_names = check_type_names(list(type_names), f"{self.file_path}: type_names")
         frames = list(iter_cfg(self.file_path))
         if not frames:
             raise CfgFormatError(self.file_path, 1, "BEGIN_CFG", "no configurations in file")

@@ -22,9 +22,7 @@ a prefix of a larger one with the same seed. Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +33,8 @@ from ase.build import bulk, fcc100, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list
+
+from .._files import replacing
 
 __all__ = [
     "CONFIG_TYPES",
@@ -290,16 +290,8 @@ def _write_extxyz(structures: Sequence[Atoms], path: str | os.PathLike) -> Path:
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp_name, structures, format="extxyz")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with replacing(target, mode=0o644) as tmp:
+        write(tmp, structures, format="extxyz")
     return target
 
 

@@ -1,6 +1,6 @@
 """Reader and writer for MLIP-2 ``.cfg`` data sets, and conversion to and from ASE ``Atoms``.
 
-Layout (spec §3.2)::
+Layout (docs/theory.md §3.2)::
 
     BEGIN_CFG
      Size
@@ -37,16 +37,16 @@ so they are never written either.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
+
+from .._files import replacing_text
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -838,23 +838,14 @@ def write_cfg(frames: Iterable[CfgFrame], path: str | os.PathLike) -> int:
     when everything was written, so a failure (e.g. an invalid frame) leaves no partial file.
     """
     target = Path(path)
-    directory = target.parent
     mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as stream:
-            for index, frame in enumerate(frames):
-                try:
-                    text = _format_frame(frame)
-                except (ValueError, TypeError) as exc:
-                    raise ValueError(f"{target}: frame {index}: {exc}") from exc
-                stream.write(text)
-                count += 1
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with replacing_text(target, mode=mode) as stream:
+        for index, frame in enumerate(frames):
+            try:
+                text = _format_frame(frame)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{target}: frame {index}: {exc}") from exc
+            stream.write(text)
+            count += 1
     return count

@@ -1,4 +1,4 @@
-"""Read and write SUS2/MTP potential files (``.mtp``, spec §3.1).
+"""Read and write SUS2/MTP potential files (``.mtp``, docs/theory.md §3.1).
 
 Trained files round-trip byte for byte through :func:`read_mtp` and :func:`write_mtp` (up to the
 final newline, which the original writer omits). Untrained templates (no coefficient blocks) are
@@ -12,25 +12,19 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..program import ContractionProgram
+from .._files import replacing_text
+from ..program import SCALING_MAPS, ContractionProgram, num_scaling_channels
 
 RADIAL_BASIS_TYPES = ("RBChebyshev_sss", "RBChebyshev_sss_lmp")
-SCALING_MAPS = ("K", "L", "LK")
 _PROGRAM_LISTS = ("alpha_index_basic", "alpha_index_times", "alpha_moment_mapping")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)", re.IGNORECASE)
 
 
 class MTPFormatError(ValueError):
     """A malformed ``.mtp`` file; the message names file, line and field."""
-
-
-def num_scaling_channels(scaling_map: str, radial_funcs_count: int, L: int) -> int:
-    """N_eta of spec §2.2: K -> N_mu/(L+1), L -> L+1, LK -> N_mu."""
-    return {"K": radial_funcs_count // (L + 1), "L": L + 1, "LK": radial_funcs_count}[scaling_map]
 
 
 @dataclass
@@ -72,7 +66,7 @@ class MTPFile:
         return self.scaling * (1.0 if self.radial_scaling is None else self.radial_scaling)
 
     def parameter_count(self) -> int:
-        """P = C + 2 N_eta C^2 + N_mu (R + C) + C + N_B (spec §2.9)."""
+        """P = C + 2 N_eta C^2 + N_mu (R + C) + C + N_B (docs/theory.md §2.9)."""
         C, n_mu = self.species_count, self.radial_funcs_count
         return (
             C
@@ -177,7 +171,7 @@ def _expect_count(
 
 
 def read_mtp(path: str | os.PathLike) -> MTPFile:
-    """Parse a trained ``.mtp`` file or an untrained template (spec §3.1)."""
+    """Parse a trained ``.mtp`` file or an untrained template (docs/theory.md §3.1)."""
     path = str(path)
     try:
         text = Path(path).read_text()
@@ -483,12 +477,5 @@ def format_mtp(mtp: MTPFile) -> str:
 def write_mtp(mtp: MTPFile, path: str | os.PathLike) -> None:
     """Write ``mtp`` atomically (temporary file + rename): no partial file on failure."""
     text = format_mtp(mtp)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing_text(path) as stream:
+        stream.write(text)

@@ -21,7 +21,8 @@ from nequip.nn import (
 )
 from nequip.nn.embedding import EdgeLengthNormalizer
 
-from ..io.mtp import SCALING_MAPS, MTPFile, num_scaling_channels, read_mtp
+from ..io.mtp import read_mtp
+from ..io.mtp_model import MTP_INFO_ATTR, mtp_parameters
 from ..nn import (
     ChebyshevRadialBasis,
     DecoupledElementEmbedding,
@@ -30,16 +31,14 @@ from ..nn import (
     UniversalPairScaling,
 )
 from ..nn.core import AddCoreEnergy, RepulsiveCore, core_radius_table
-from ..program import ContractionProgram, generate_program
+from ..program import (
+    ContractionProgram,
+    generate_program,
+    scaling_channel_of_mu,
+)
 
 #: atoms per cubic Angstrom assumed for the radial scaling when ``avg_num_neighbors`` is unknown
 _DEFAULT_NUMBER_DENSITY = 0.05
-
-#: attribute of the ``scaling`` module that keeps what an ``.mtp`` file stores beyond the model's
-#: parameters (header fields, program entry order, ...); plain Python types, so it travels with
-#: pickled and packaged models and lets :func:`nequip_sus2.interop.export_mtp` write files exactly
-MTP_INFO_ATTR = "mtp_info"
-
 
 #: arguments every NequIP model builder takes (``nequip.model.model_builder`` consumes them)
 _BUILDER_ARGUMENTS = ("seed", "model_dtype", "compile_mode")
@@ -73,15 +72,6 @@ def checked_arguments(builder: Callable) -> Callable:
         return builder(*args, **kwargs)
 
     return checked
-
-
-def scaling_channel_of_mu(scaling_map: str, max_rank: int, radial_funcs_count: int) -> list[int]:
-    """eta(mu): K -> floor(mu/(L+1)), L -> mu mod (L+1), LK -> mu."""
-    if scaling_map not in SCALING_MAPS:
-        raise ValueError(f"scaling_map must be one of {SCALING_MAPS}, got {scaling_map!r}")
-    L1 = max_rank + 1
-    rule = {"K": lambda mu: mu // L1, "L": lambda mu: mu % L1, "LK": lambda mu: mu}[scaling_map]
-    return [rule(mu) for mu in range(radial_funcs_count)]
 
 
 def default_radial_scaling(r_max: float, avg_num_neighbors: float | None) -> float:
@@ -183,8 +173,6 @@ def _assemble(
         trainable=pair_scaling_trainable,
         irreps_in=None if prev is None else prev.irreps_out,
     )
-    # what an .mtp export needs beyond the parameters, including the program in its own order
-    setattr(prev, MTP_INFO_ATTR, {**(mtp_info or {}), "program": _program_dict(program)})
     modules["radial_basis"] = prev = ChebyshevRadialBasis(
         r_max=r_max,
         radial_basis_size=radial_basis_size,
@@ -203,6 +191,8 @@ def _assemble(
         irreps_in=prev.irreps_out,
     )
     modules["moments"] = prev = MomentContraction(program=program, irreps_in=prev.irreps_out)
+    # what an .mtp export needs beyond the parameters and the program (header fields)
+    setattr(prev, MTP_INFO_ATTR, dict(mtp_info or {}))
     modules["readout"] = prev = LinearReadout(
         num_basis=len(program.mapping), theta=theta, irreps_in=prev.irreps_out
     )
@@ -291,8 +281,9 @@ def SUS2Model(
         do_derivatives (bool): compute forces and stresses/virials by autograd (default ``True``)
         repulsive_core: ZBL below the trained domain (:mod:`nequip_sus2.nn.core`): the inner
             radius of every species pair, e.g. the shortest distances of the training data from
-            :func:`nequip_sus2.interop.shortest_pair_distances` as ``{"A-B": r, ...}`` (plus a
-            ``default``), one float for all pairs, or ``min_dist``; ``None`` (default): no core
+            :func:`nequip_sus2.data.distances.shortest_pair_distances` as ``{"A-B": r, ...}``
+            (plus a ``default``), one float for all pairs, or ``min_dist``; ``None`` (default):
+            no core
         repulsive_core_width (float): width w of the switch below each inner radius (default
             0.5 Angstrom)
     """
@@ -340,65 +331,6 @@ def SUS2Model(
         mtp_info={"L": max_rank, "scaling_map": scaling_map, "min_dist": float(min_dist)},
         repulsive_core=core,
     )
-
-
-def _program_dict(program: ContractionProgram) -> dict:
-    return {
-        "moments_count": program.moments_count,
-        "basic": [list(e) for e in program.basic],
-        "times": [list(e) for e in program.times],
-        "mapping": list(program.mapping),
-    }
-
-
-def mtp_file_info(mtp: MTPFile) -> dict:
-    """What ``mtp`` stores beyond the model's parameters, as plain Python types.
-
-    Header fields (``min_dist`` is not used in evaluation) and the original ``b`` and ``s`` (the
-    model holds ``b + s``, from which ``b`` is not always recovered bit for bit). The program,
-    in file order, is added by the builder.
-    """
-    return {
-        "version": mtp.version,
-        "potential_name": mtp.potential_name,
-        "scaling": mtp.scaling,
-        "radial_scaling": mtp.radial_scaling,
-        "potential_tag": mtp.potential_tag,
-        "radial_basis_type": mtp.radial_basis_type,
-        "min_dist": mtp.min_dist,
-        "L": mtp.L,
-        "scaling_map": mtp.scaling_map,
-        "shift_coeffs": list(mtp.shift_coeffs) if mtp.shift_coeffs is not None else None,
-        "species_coeffs": list(mtp.species_coeffs) if mtp.species_coeffs is not None else None,
-    }
-
-
-def mtp_parameters(mtp: MTPFile, type_names: Sequence[str]) -> dict:
-    """The keyword arguments of the SUS2 modules that reproduce a trained ``.mtp`` exactly."""
-    if not mtp.is_trained:
-        raise ValueError("the .mtp file is an untrained template (no coefficient blocks)")
-    C, n_mu, R = mtp.species_count, mtp.radial_funcs_count, mtp.radial_basis_size
-    n_eta = num_scaling_channels(mtp.scaling_map, n_mu, mtp.L)
-    scal = torch.tensor(mtp.scal_coeffs, dtype=torch.float64).view(n_eta, 2, C, C)
-    rows = torch.tensor(mtp.radial_coeffs, dtype=torch.float64)  # [N_mu, R + C]
-    s = torch.tensor(mtp.species_coeffs, dtype=torch.float64)
-    b = torch.tensor(mtp.shift_coeffs, dtype=torch.float64)
-    return {
-        "r_max": mtp.max_dist,
-        "program": mtp.program,
-        "eta_of_mu": scaling_channel_of_mu(mtp.scaling_map, mtp.L, n_mu),
-        "radial_basis_size": R,
-        "radial_scaling": mtp.sigma,
-        "alpha": scal[:, 0],
-        "r0": scal[:, 1],
-        "radial_coeffs": rows[:, :R],
-        "species_weights": rows[0, R:],
-        "unused_weights": rows[1:, R:],
-        "theta": torch.tensor(mtp.moment_coeffs, dtype=torch.float64),
-        "per_type_energy_scales": dict(zip(type_names, s.tolist(), strict=True)),
-        "per_type_energy_shifts": dict(zip(type_names, (b + s).tolist(), strict=True)),
-        "mtp_info": mtp_file_info(mtp),
-    }
 
 
 @model_builder

@@ -1,4 +1,4 @@
-"""SUS2 graph modules, one paper concept each (spec §2)."""
+"""SUS2 graph modules, one paper concept each (docs/theory.md §2)."""
 
 from .embedding import DecoupledElementEmbedding
 from .extrapolation import ExtrapolationGrade

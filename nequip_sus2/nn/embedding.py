@@ -1,4 +1,4 @@
-"""The decoupled element embedding (spec §2.4)."""
+"""The decoupled element embedding (docs/theory.md §2.4)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,11 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
     .. math:: f_\mu(r; Z_i, Z_j) = w_{Z_i} w_{Z_j} \sum_n c_{\mu n}\, Q_n(r; \eta(\mu))
 
     ``coeffs`` is ``c`` with shape ``[N_mu, R]``, ``weights`` is ``w`` with shape ``[C]`` and
-    ``eta_of_mu`` selects the scaling channel of each radial function (spec §2.2). The ``.mtp``
-    format stores a weight row per ``mu`` but only row 0 is used; rows ``mu >= 1`` are kept as the
-    frozen parameter ``unused_weights`` so that files round-trip and the parameter count equals the
-    original tools' ``C + 2 N_eta C^2 + N_mu (R + C) + C + N_B``.
+    ``eta_of_mu`` selects the scaling channel of each radial function (docs/theory.md §2.2). The
+    ``.mtp`` format stores a weight row per ``mu`` but only row 0 is used; rows ``mu >= 1`` are
+    kept as the frozen parameter ``unused_weights`` so that files round-trip and the parameter
+    count equals the original tools' ``C + 2 N_eta C^2 + N_mu (R + C) + C + N_B``.
     """
-
-    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
-    fused: bool = False
 
     def __init__(
         self,
@@ -91,8 +88,6 @@ class DecoupledElementEmbedding(GraphModuleMixin, torch.nn.Module):
         return set_block_trainable(model, cls, ("coeffs", "weights"), not frozen)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
-            return data
         q = data[self.in_field].permute(1, 2, 0)  # [N_eta, R, E] (feature-major)
         # sum_n c[mu, n] Q[eta(mu), n, :] as [N_mu, N_eta R] @ [N_eta R, E]
         block = (self.channel_onehot * self.coeffs.unsqueeze(1)).reshape(self.num_radial_funcs, -1)

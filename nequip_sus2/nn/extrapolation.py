@@ -10,7 +10,8 @@ from .._keys import EXTRAPOLATION_GRADE_KEY, SCALAR_BASIS_KEY
 
 
 class ExtrapolationGrade(GraphModuleMixin, torch.nn.Module):
-    r"""Per-atom extrapolation grade of the scalar basis ``B(i)`` (spec §2.6) against an active set.
+    r"""Per-atom extrapolation grade of the scalar basis ``B(i)`` (docs/theory.md §2.6) against an
+    active set.
 
     For species ``Z`` the active set is ``N_B`` training environments whose basis rows form the
     square matrix ``A_Z`` of (locally) maximal volume (MaxVol, see
@@ -30,8 +31,9 @@ class ExtrapolationGrade(GraphModuleMixin, torch.nn.Module):
     one seen in training. Both are zero / one for full-rank species.
 
     The module stores everything in buffers of static shape (``[C, N_B, N_B]``), so it survives
-    checkpoints, packaging and AOT compilation; it is inserted after ``moments`` by
-    :func:`nequip_sus2.active_set.add_extrapolation_grade` and writes
+    checkpoints, packaging and AOT compilation; it is inserted after ``moments`` by the
+    persistent model modifier ``add_extrapolation_grade`` (of
+    :class:`~nequip_sus2.nn.MomentContraction`, see :func:`insert_extrapolation_grade`) and writes
     ``sus2_extrapolation_grade`` (``[num_atoms, 1]``, in the buffers' dtype, float64 by
     default). It does not change energies, forces or stresses.
 
@@ -126,11 +128,50 @@ class ExtrapolationGrade(GraphModuleMixin, torch.nn.Module):
 
 #: name of the grade module inside the SequentialGraphNetwork (right after ``moments``)
 GRADE_MODULE_NAME = "extrapolation_grade"
+#: name of the persistent model modifier that inserts it (``MomentContraction``'s)
+GRADE_MODIFIER = "add_extrapolation_grade"
 _STATE_KEYS = ("inverse", "residual", "residual_scale")
 
 
+def moments_networks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every ``SequentialGraphNetwork`` in ``model`` with a ``moments`` child (by class name, so
+    that models loaded from packages qualify too); ``TypeError`` if there is none."""
+    nets = [
+        m
+        for m in model.modules()
+        if type(m).__name__ == "SequentialGraphNetwork" and "moments" in m._modules
+    ]
+    if not nets:
+        raise TypeError("not a SUS2 model: no SequentialGraphNetwork with a `moments` module")
+    return nets
+
+
+def empty_grade_state(num_types: int, num_basis: int, has_residual: bool = False) -> dict:
+    """Grade buffers of the given shapes (zero inverses, unit scales) for a model whose buffers
+    a checkpoint's ``state_dict`` fills afterwards."""
+    shape = (int(num_types), int(num_basis), int(num_basis))
+    f64 = torch.float64
+    return {
+        "inverse": torch.zeros(shape, dtype=f64),
+        "residual": torch.zeros(shape if has_residual else (0,), dtype=f64),
+        "residual_scale": torch.ones(int(num_types), dtype=f64),
+    }
+
+
+def grade_modifier_config(num_types: int, num_basis: int, has_residual: bool) -> dict:
+    """The ``nequip.model.modify`` entry that rebuilds a grade of these shapes (what a
+    checkpoint with a grade records; its ``state_dict`` holds the buffers)."""
+    return {
+        "modifier": GRADE_MODIFIER,
+        "num_types": int(num_types),
+        "num_basis": int(num_basis),
+        "has_residual": bool(has_residual),
+    }
+
+
 def insert_extrapolation_grade(model: torch.nn.Module, state, module_class=None):
-    """Insert (or refresh) an :class:`ExtrapolationGrade` after ``moments``, in place.
+    """Insert (or refresh) an :class:`ExtrapolationGrade` after ``moments``, in place: the body
+    of the ``add_extrapolation_grade`` model modifier.
 
     ``state``: a dict with the buffers ``inverse`` ``[C, N_B, N_B]``, ``residual`` (same shape,
     or empty when every species is full rank) and ``residual_scale`` ``[C]``, or the path of
@@ -138,7 +179,7 @@ def insert_extrapolation_grade(model: torch.nn.Module, state, module_class=None)
     ``nequip-sus2 active-set --save-active-set``). Every ``SequentialGraphNetwork`` with a
     ``moments`` child gets one (also inside a train-time-compile wrapper); ``module_class``
     overrides the class (for models loaded from packages, whose code comes from the package).
-    Returns ``model``. Meant to back a model modifier.
+    Returns ``model``.
     """
     if isinstance(state, (str, bytes)) or hasattr(state, "__fspath__"):
         state = torch.load(state, map_location="cpu", weights_only=True)
@@ -150,14 +191,7 @@ def insert_extrapolation_grade(model: torch.nn.Module, state, module_class=None)
     scale = torch.as_tensor(state["residual_scale"], dtype=torch.float64)
     has_residual = residual.numel() > 0
     cls = ExtrapolationGrade if module_class is None else module_class
-    nets = [
-        m
-        for m in model.modules()
-        if type(m).__name__ == "SequentialGraphNetwork" and "moments" in m._modules
-    ]
-    if not nets:
-        raise TypeError("not a SUS2 model: no SequentialGraphNetwork with a `moments` module")
-    for net in nets:
+    for net in moments_networks(model):
         existing = net._modules.get(GRADE_MODULE_NAME)
         if existing is not None:
             if existing.inverse.shape != inverse.shape or existing.has_residual != has_residual:
@@ -168,9 +202,6 @@ def insert_extrapolation_grade(model: torch.nn.Module, state, module_class=None)
                 existing.residual_scale.copy_(scale)
             continue
         moments = net._modules["moments"]
-        # the grade needs the basis (getattr: classes from packages made before the fold)
-        if getattr(moments, "fold_readout", False):
-            moments._unfold_readout()
         if int(moments.num_basis) != inverse.shape[-1]:
             raise ValueError(
                 f"the model has N_B = {moments.num_basis}, the active set {inverse.shape[-1]}"

@@ -1,4 +1,5 @@
-"""Freezing parameter blocks for fine-tuning (spec §4: the original keeps alpha, r0 fixed)."""
+"""Freezing parameter blocks for fine-tuning (docs/theory.md §4.5: the original keeps alpha, r0
+fixed)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Moment tensors and their contraction to the scalar basis (spec §2.5, §2.6)."""
+"""Moment tensors and their contraction to the scalar basis (docs/theory.md §2.5, §2.6)."""
 
 from __future__ import annotations
 
-import importlib
 import itertools
-from collections import Counter
-from typing import TYPE_CHECKING
 
 import torch
 from nequip.data import AtomicDataDict
@@ -13,9 +10,8 @@ from nequip.nn import GraphModuleMixin, model_modifier
 from nequip.nn.utils import with_edge_vectors_
 
 from .._keys import SCALAR_BASIS_KEY
-
-if TYPE_CHECKING:  # the program is only read at construction; packaged models need not import it
-    from ..program import ContractionProgram
+from ..program import ContractionProgram
+from .extrapolation import empty_grade_state, insert_extrapolation_grade
 
 
 class MomentContraction(GraphModuleMixin, torch.nn.Module):
@@ -28,15 +24,8 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     then every entry ``(p, q, m, o)`` adds :math:`m M_p M_q` to :math:`M_o`, and
     :math:`B_a = M_{\mathrm{mapping}[a]}`. Evaluation is vectorised: entries are grouped by the
     degree of their output slot (2, 3, 4, ...) and each group is one gather-multiply-scatter.
-
-    With the ``enable_fused_moments`` modifier, inference (``eval()`` mode) computes the basic
-    moments with the fused CPU operator ``sus2::basic_moments`` (:mod:`nequip_sus2.kernels`).
+    The module carries its program as plain data (:attr:`program`, in the order it was given).
     """
-
-    #: set by ``enable_fused_moments`` (a class default, so models pickled earlier load too)
-    fused: bool = False
-    #: the fused path also applies the readout (``x = theta . B``, see :meth:`_fold_readout`)
-    fold_readout: bool = False
 
     def __init__(
         self,
@@ -49,15 +38,16 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         program.validate()
         self.in_field = in_field
         self.out_field = out_field
+        #: the program as plain lists (``ContractionProgram.to_dict``): travels with packages
+        self.program = program.to_dict()
         self.num_slots = program.moments_count
         self.num_basic = len(program.basic)
         self.num_basis = len(program.mapping)
-        self.max_power = max((max(e[1:]) for e in program.basic), default=0)
+        self.max_power = program.max_power
 
-        # canonical layout (every generated and published program): basic slots mu-major with
-        # mu = k (L+1) + l and the rank-l monomials in sorted-index order; then the edge moments
-        # are f[:, k, l] times the rank-l monomials, built by broadcasting (no column gathers)
-        self.canonical_shape = _canonical_shape(program.basic)
+        # canonical layout (every generated and published program): the edge moments are
+        # f[:, k, l] times the rank-l monomials, built by broadcasting (no column gathers)
+        self.canonical_shape = program.canonical_shape()
         # the sorted index tuples of the rank-l monomials (xx, xy, ..., zz; xxx, ...), unrolled
         # into row products at trace time: Inductor's vectorised CPU code for row gathers
         # (index_select) of this array was miscompiled for graphs without a cell input
@@ -69,14 +59,17 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             if self.canonical_shape is not None
             else []
         )
-        mu = [e[0] for e in program.basic]
         # distinct monomials u_x^a u_y^b u_z^c, each computed once per edge
-        monomials = list(dict.fromkeys(e[1:] for e in program.basic))
+        monomials = program.monomials()
         p1 = self.max_power + 1
-        self.register_buffer("basic_mu", torch.as_tensor(mu, dtype=torch.long))
+        self.register_buffer(
+            "basic_mu", torch.as_tensor([e[0] for e in program.basic], dtype=torch.long)
+        )
         self.register_buffer(
             "basic_monomial",
-            torch.as_tensor([monomials.index(e[1:]) for e in program.basic], dtype=torch.long),
+            torch.as_tensor(
+                [monomials.index(tuple(e[1:])) for e in program.basic], dtype=torch.long
+            ),
         )
         # indices into the flattened [num_edges, 3 * (max_power + 1)] table of u_x^k, u_y^k, u_z^k
         a, b, c = (list(col) for col in zip(*monomials, strict=True))
@@ -85,18 +78,14 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         self.register_buffer(
             "monomial_pz", torch.as_tensor([2 * p1 + k for k in c], dtype=torch.long)
         )
-
-        degrees = program.degrees()
-        order = sorted(range(len(program.times)), key=lambda k: degrees[program.times[k][3]])
-        entries = [program.times[k] for k in order]
-        stage_of = [degrees[e[3]] for e in entries]
-        self.stage_bounds = (
-            [0]
-            + [k for k in range(1, len(entries)) if stage_of[k] != stage_of[k - 1]]
-            + [len(entries)]
+        # (a, b, c) of every distinct monomial, [n_monomials, 3] (not saved: derived)
+        self.register_buffer(
+            "monomial_exponents",
+            torch.as_tensor(monomials, dtype=torch.long).view(-1, 3),
+            persistent=False,
         )
-        if not entries:
-            self.stage_bounds = [0]
+
+        entries, self.stage_bounds = program.stages()
         p, q, m, o = (list(col) for col in zip(*entries, strict=True)) if entries else ([],) * 4
         dtype = torch.get_default_dtype()
         self.register_buffer("times_p", torch.as_tensor(p, dtype=torch.long))
@@ -113,9 +102,12 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_slots={self.num_slots}, num_basic={self.num_basic}, "
-            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}, fused={self.fused}, "
-            f"fold_readout={self.fold_readout}"
+            f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}"
         )
+
+    def contraction_program(self) -> ContractionProgram:
+        """The module's program (in the order it was given)."""
+        return ContractionProgram.from_dict(self.program)
 
     @model_modifier(persistent=False, private=False, unsupported_devices=["cuda"])
     @classmethod
@@ -124,184 +116,126 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
 
         One C++ pass over the edges builds the edge vectors and evaluates the scaling map,
         Chebyshev basis, element embedding and monomials into the basic moments ``M_b(i)``, a
-        second operator runs the contraction program; their backward passes give the position
-        and cell gradients (forces, virial). Same values as the PyTorch path. Eager and
-        ``nequip-compile --mode aotinductor`` models on CPU; training keeps the PyTorch path
-        (the kernels have no parameter or second derivatives). Compiled on first use.
+        second operator runs the contraction program (and the readout); their backward passes
+        give the position and cell gradients (forces, virial). Same values as the PyTorch path.
+        Eager and ``nequip-compile --mode aotinductor`` models on CPU; training keeps the
+        PyTorch path. The kernel modules (:mod:`nequip_sus2.kernels.fused`) replace this module
+        and the per-edge modules; compiled on first use.
         """
-        # by name, so that packaged copies of this module use the installed library
-        importlib.import_module("nequip_sus2.kernels.ops")
-        from .embedding import DecoupledElementEmbedding
-        from .radial import ChebyshevRadialBasis
-        from .scaling import UniversalPairScaling
+        # a relative import: a packaged model swaps in its own copy of the kernel modules
+        from ..kernels.fused import enable_fused_moments
 
-        parts = {}
-        for kind in (UniversalPairScaling, ChebyshevRadialBasis, DecoupledElementEmbedding, cls):
-            found = [m for m in model.modules() if isinstance(m, kind)]
-            if len(found) != 1:
+        return enable_fused_moments(model)
+
+    @model_modifier(persistent=True, private=False)
+    @classmethod
+    def add_extrapolation_grade(
+        cls,
+        model,
+        state=None,
+        num_types: int | None = None,
+        num_basis: int | None = None,
+        has_residual: bool = False,
+    ):
+        """Add (or refresh) the per-atom extrapolation grade ``sus2_extrapolation_grade``.
+
+        Inserts :class:`~nequip_sus2.nn.ExtrapolationGrade` after the moments (see
+        :func:`~nequip_sus2.nn.extrapolation.insert_extrapolation_grade`). ``state``: an active
+        set file (``nequip-sus2 active-set --save-active-set``) or its buffers; without it, an
+        empty grade of ``num_types`` species and ``num_basis`` basis functions (with the
+        residual term if ``has_residual``) whose buffers a checkpoint's state dict fills: what
+        ``nequip-sus2 active-set`` records in the checkpoints it writes.
+        """
+        if state is None:
+            if num_types is None or num_basis is None:
                 raise ValueError(
-                    f"enable_fused_moments needs a SUS2 model with one {kind.__name__}, "
-                    f"found {len(found)}"
+                    "add_extrapolation_grade needs `state` (an active set file) or `num_types` "
+                    "and `num_basis`"
                 )
-            parts[kind] = found[0]
-        moments = parts[cls]
-        # (mu, a, b, c) of every basic slot, from the persistent buffers
-        p1 = moments.max_power + 1
-        mono = moments.basic_monomial
-        table = torch.stack(
+            state = empty_grade_state(num_types, num_basis, has_residual)
+        return insert_extrapolation_grade(model, state)
+
+    # ------------------------------------------------------------------------------------------
+    # the basis and its Jacobian for the linear pre-fit (float64, no autograd)
+    # ------------------------------------------------------------------------------------------
+
+    def edge_terms_with_derivative(
+        self, radial: torch.Tensor, dradial: torch.Tensor, vec: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-edge terms ``m_e = f_mu(r) u^(a,b,c)`` of the basic moments and ``dm_e/dr_e``.
+
+        From the radial functions ``radial`` [E, N_mu], their derivative along ``r``
+        ``dradial`` and the edge vectors ``vec`` [E, 3]; returns ``[E, n_basic]`` and
+        ``[E, n_basic, 3]`` (``d/dvec = (I - u u^T)/r`` on the monomials).
+        """
+        r = vec.square().sum(-1, keepdim=True).sqrt()
+        u = vec / r
+        powers = [torch.ones_like(u)]
+        for _ in range(self.max_power):
+            powers.append(powers[-1] * u)
+        table = torch.stack(powers, -1)  # [E, 3, P + 1]: u_x^k, u_y^k, u_z^k
+        ex = self.monomial_exponents.to(vec.device)  # [n_mono, 3]
+        parts = [table[:, c].index_select(1, ex[:, c]) for c in range(3)]  # each [E, n_mono]
+        mono = parts[0] * parts[1] * parts[2]
+        lower = [table[:, c].index_select(1, (ex[:, c] - 1).clamp(min=0)) for c in range(3)]
+        grad_u = torch.stack(
             [
-                moments.basic_mu,
-                moments.monomial_px[mono],
-                moments.monomial_py[mono] - p1,
-                moments.monomial_pz[mono] - 2 * p1,
+                ex[:, 0] * lower[0] * parts[1] * parts[2],
+                ex[:, 1] * parts[0] * lower[1] * parts[2],
+                ex[:, 2] * parts[0] * parts[1] * lower[2],
             ],
-            dim=1,
-        )
-        moments.register_buffer("basic_table", table.contiguous(), persistent=False)
-        # a plain list: the other modules stay where they are registered (same state dict)
-        moments._fused_sources = [
-            parts[UniversalPairScaling],
-            parts[ChebyshevRadialBasis],
-            parts[DecoupledElementEmbedding],
-        ]
-        for module in parts.values():
-            module.fused = True  # the per-edge modules skip their work in eval mode
-        moments._fold_readout(model)
-        # NequIP's AOTI loader imports these before loading a compiled model
-        moments._nequip_custom_ops_libs = ("nequip_sus2.kernels.ops",)
-        return model
+            -1,
+        )  # [E, n_mono, 3] = d mono / d u
+        radial_part = grad_u - (grad_u * u.unsqueeze(1)).sum(-1, keepdim=True) * u.unsqueeze(1)
+        dmono = radial_part / r.unsqueeze(1)
+        f = radial.index_select(1, self.basic_mu)
+        df = dradial.index_select(1, self.basic_mu)
+        mono_b = mono.index_select(1, self.basic_monomial)
+        dmono_b = dmono.index_select(1, self.basic_monomial)
+        m = f * mono_b
+        dm = (df * mono_b).unsqueeze(-1) * u.unsqueeze(1) + f.unsqueeze(-1) * dmono_b
+        return m, dm
 
-    def _fold_readout(self, model: torch.nn.Module) -> None:
-        r"""Let the fused path apply the model's linear readout too (``sus2::contract_readout``).
+    def basis_with_jacobian(
+        self, basic: torch.Tensor, max_elements: int = 1 << 22
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B = P(M)`` and ``dB/dM`` ([N, N_B], [N, N_B, n_basic]) of basic moments ``basic``
+        [N, n_basic] by forward-mode propagation through the program, in chunks of atoms."""
+        dtype = basic.dtype
+        tw = self.times_m.to(dtype)
+        bounds = self.stage_bounds
+        n, nb = basic.shape
+        slots = self.num_slots
+        widths = (bounds[k + 1] - bounds[k] for k in range(len(bounds) - 1))
+        width = max(max(widths, default=1), slots)
+        chunk = max(1, max_elements // max(width * nb, 1))
+        Bs, Js = [], []
+        eye = torch.eye(nb, dtype=dtype, device=basic.device)
+        for start in range(0, n, chunk):
+            x = basic[start : start + chunk]
+            k = x.shape[0]
+            m = torch.cat([x, x.new_zeros(k, slots - nb)], 1)
+            T = torch.cat([eye.expand(k, nb, nb), x.new_zeros(k, slots - nb, nb)], 1)
+            for s in range(len(bounds) - 1):
+                lo, hi = bounds[s], bounds[s + 1]
+                p, q, w, o = (
+                    self.times_p[lo:hi],
+                    self.times_q[lo:hi],
+                    tw[lo:hi],
+                    self.times_o[lo:hi],
+                )
+                mp, mq = m.index_select(1, p), m.index_select(1, q)
+                Tp, Tq = T.index_select(1, p), T.index_select(1, q)
+                dprod = Tp * mq.unsqueeze(-1) + mp.unsqueeze(-1) * Tq
+                m = m.index_add(1, o, mp * mq * w)
+                T = T.index_add(1, o, dprod * w.view(1, -1, 1))
+            Bs.append(m.index_select(1, self.mapping))
+            Js.append(T.index_select(1, self.mapping))
+        return torch.cat(Bs), torch.cat(Js)
 
-        :math:`x_i = \sum_a \theta_a B_a(i)` is evaluated without the basis: single-product
-        basis functions ``B = m M_p M_q`` of two degree-2 slots (the block
-        :math:`D_l(a,b) D_{l'}(a',b')` of spec §6) become the quadratic form
-        :math:`D^T \Theta D`, and :math:`\partial x/\partial M` comes out of the same pass.
-        Only for models whose one ``LinearReadout`` reads this module's output and that have no
-        other reader of the basis (an extrapolation grade keeps the plain fused path).
-        """
-        from .readout import LinearReadout
-
-        readouts = [m for m in model.modules() if isinstance(m, LinearReadout)]
-        readers = [m for m in model.modules() if getattr(m, "in_field", None) == self.out_field]
-        if len(readouts) != 1 or readers != readouts:
-            self._unfold_readout()
-            return
-        p, q, m, o = (t.tolist() for t in (self.times_p, self.times_q, self.times_m, self.times_o))
-        mapping = self.mapping.tolist()
-        degree = [1] * self.num_basic + [0] * (self.num_slots - self.num_basic)
-        for pk, qk, ok in zip(p, q, o, strict=True):
-            degree[ok] = degree[pk] + degree[qk]
-        writes, mapped = Counter(o), Counter(mapping)
-        reads = set(p) | set(q)
-        entry_of = {slot: k for k, slot in enumerate(o)}  # the only entry of a slot written once
-        quad = [
-            a
-            for a, slot in enumerate(mapping)
-            if writes[slot] == 1
-            and slot not in reads
-            and mapped[slot] == 1
-            and degree[slot] == 4
-            and degree[p[entry_of[slot]]] == degree[q[entry_of[slot]]] == 2
-        ]
-        quad_set = set(quad)
-        quad_out = {mapping[a] for a in quad}
-        keep = [k for k in range(len(o)) if o[k] not in quad_out]
-        entries = [entry_of[mapping[a]] for a in quad]
-        nodes = sorted({p[k] for k in entries} | {q[k] for k in entries})
-        device = self.mapping.device
-
-        def buffer(name: str, values: list, dtype: torch.dtype = torch.long) -> None:
-            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), False)
-
-        for name, column in zip("pqo", (p, q, o), strict=True):
-            buffer(f"readout_{name}", [column[k] for k in keep])
-        buffer("readout_m", [m[k] for k in keep], self.times_m.dtype)
-        linear = [a for a in range(len(mapping)) if a not in quad_set]
-        buffer("readout_linear", linear)
-        buffer("readout_slots", [mapping[a] for a in linear])
-        buffer("readout_quad", quad)
-        buffer("readout_quad_m", [m[k] for k in entries], self.times_m.dtype)
-        buffer("readout_quad_slots", nodes)
-        buffer("readout_quad_p", [nodes.index(p[k]) for k in entries])
-        buffer("readout_quad_q", [nodes.index(q[k]) for k in entries])
-        self._readout = [readouts[0]]  # a plain list: the readout stays where it is registered
-        self.fold_readout = readouts[0].fused = True
-
-    def _unfold_readout(self) -> None:
-        """Undo :meth:`_fold_readout`: the fused path forms the basis, the readout applies theta
-        (for a reader of the basis such as an extrapolation grade)."""
-        self.fold_readout = False
-        for readout in getattr(self, "_readout", []):
-            readout.fused = False
-
-    def _fused_readout(self, basic: torch.Tensor) -> torch.Tensor:
-        """``x = theta . B`` [num_nodes, 1] from the basic moments (``sus2::contract_readout``)."""
-        theta = self._readout[0].theta.detach().view(-1)
-        n = self.readout_quad_slots.numel()
-        # Theta symmetric: theta m M_p M_q = D_p (theta m / 2) D_q + D_q (theta m / 2) D_p
-        half = theta.index_select(0, self.readout_quad) * self.readout_quad_m * 0.5
-        flat = half.new_zeros(n * n)
-        flat = flat.index_add(0, self.readout_quad_p * n + self.readout_quad_q, half)
-        flat = flat.index_add(0, self.readout_quad_q * n + self.readout_quad_p, half)
-        x, _ = torch.ops.sus2.contract_readout(
-            basic,
-            self.readout_p,
-            self.readout_q,
-            self.readout_m,
-            self.readout_o,
-            self.readout_slots,
-            theta.index_select(0, self.readout_linear),
-            self.readout_quad_slots,
-            flat.view(n, n),
-            self.num_slots,
-        )
-        return x
-
-    def _fused_basic(self, data: AtomicDataDict.Type) -> torch.Tensor:
-        """``M_b(i)`` by the fused kernels, [num_nodes, n_basic] (parameters detached).
-
-        Edge vectors given in ``data`` (edge-force inference, pair potentials) are used as they
-        are; otherwise the kernel builds them from positions, cell and cell shifts and returns
-        position and cell gradients directly.
-        """
-        scaling, basis, embedding = self._fused_sources
-        alpha = scaling.alpha.detach()
-        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
-        pos = data[AtomicDataDict.POSITIONS_KEY]
-        params = (
-            edge_index[0],
-            edge_index[1],
-            data[AtomicDataDict.ATOM_TYPE_KEY].view(-1),
-            alpha.reshape(alpha.shape[0], -1),
-            scaling.r0.detach().reshape(alpha.shape[0], -1),
-            embedding.coeffs.detach(),
-            embedding.eta_of_mu,
-            embedding.weights.detach(),
-            self.basic_table,
-            basis.r_max,
-            basis.radial_scaling,
-        )
-        if AtomicDataDict.EDGE_VECTORS_KEY in data:
-            vec = data[AtomicDataDict.EDGE_VECTORS_KEY].to(alpha.dtype).contiguous()
-            basic = torch.ops.sus2.basic_moments(vec, *params, pos.shape[0])
-        else:
-            f64 = torch.float64
-            if AtomicDataDict.CELL_KEY in data:
-                cell = data[AtomicDataDict.CELL_KEY].to(f64)
-                shift = data[AtomicDataDict.EDGE_CELL_SHIFT_KEY].to(f64)
-            else:
-                cell = pos.new_zeros((0, 3, 3), dtype=f64)
-                shift = pos.new_zeros((0, 3), dtype=f64)
-            if AtomicDataDict.BATCH_KEY in data:
-                batch = data[AtomicDataDict.BATCH_KEY]
-            else:
-                batch = edge_index.new_zeros((0,))
-            basic = torch.ops.sus2.basic_moments_from_positions(
-                pos.to(f64), cell, shift, batch, *params
-            )
-        return basic
+    # ------------------------------------------------------------------------------------------
+    # forward (PyTorch operations)
+    # ------------------------------------------------------------------------------------------
 
     def _canonical_edge_moments(self, radial: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``f_{k,l} u^{(x)l}`` (symmetric components), canonical layout, [n_basic, E]."""
@@ -355,21 +289,6 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         )
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if self.fused and not self.training:
-            basic = self._fused_basic(data)
-            if self.fold_readout:
-                data[self._readout[0].out_field] = self._fused_readout(basic)
-            else:
-                data[self.out_field] = torch.ops.sus2.contract_moments(
-                    basic,
-                    self.times_p,
-                    self.times_q,
-                    self.times_m,
-                    self.times_o,
-                    self.mapping,
-                    self.num_slots,
-                )
-            return data
         data = with_edge_vectors_(data, with_lengths=True)
         basic = self._basic_moments(data)
         num_nodes = basic.shape[1]
@@ -386,21 +305,3 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             moments = moments.index_add(0, self.times_o[lo:hi], prod)
         data[self.out_field] = moments.index_select(0, self.mapping).T  # [atoms, N_B]
         return data
-
-
-def _canonical_shape(basic) -> tuple[int, int] | None:
-    """``(K, L)`` if the basic slots have the canonical layout of spec §6, else ``None``."""
-    if not basic:
-        return None
-    L = max(a + b + c for _, a, b, c in basic)
-    n_mu = max(e[0] for e in basic) + 1
-    if n_mu % (L + 1):
-        return None
-    K = n_mu // (L + 1)
-    canonical = [
-        (k * (L + 1) + rank, idx.count(0), idx.count(1), idx.count(2))
-        for k in range(K)
-        for rank in range(L + 1)
-        for idx in itertools.combinations_with_replacement(range(3), rank)
-    ]
-    return (K, L) if [tuple(e) for e in basic] == canonical else None

@@ -1,4 +1,4 @@
-"""The superlinear radial basis "RBChebyshev_sss" (spec §2.3)."""
+"""The superlinear radial basis "RBChebyshev_sss" (docs/theory.md §2.3)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
     ``(r - R_c)^2`` is the only envelope: value and first derivative vanish at the cutoff. Edges at
     or beyond ``R_c`` (e.g. from a neighbour list with a skin) contribute exactly zero.
     """
-
-    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
-    fused: bool = False
 
     def __init__(
         self,
@@ -58,8 +55,6 @@ class ChebyshevRadialBasis(GraphModuleMixin, torch.nn.Module):
         )
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
-            return data
         data = with_edge_vectors_(data, with_lengths=True)
         xi = data[self.in_field].T  # [N_eta, E] (feature-major)
         d = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(xi.dtype) - self.r_max  # [E]

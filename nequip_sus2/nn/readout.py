@@ -1,4 +1,4 @@
-"""The linear readout of the scalar basis (spec §2.7)."""
+"""The linear readout of the scalar basis (docs/theory.md §2.7)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ class LinearReadout(GraphModuleMixin, torch.nn.Module):
 
     The site energy is then ``E_i = b + s (1 + x_i)`` via :class:`nequip.nn.PerTypeScaleShift`.
     """
-
-    #: set by ``enable_fused_moments`` when the fused contraction applies this readout too
-    fused: bool = False
 
     def __init__(
         self,
@@ -45,7 +42,5 @@ class LinearReadout(GraphModuleMixin, torch.nn.Module):
         return f"num_basis={self.theta.shape[0]}"
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if self.fused and not self.training:  # done by the fused contraction (moments.py)
-            return data
         data[self.out_field] = torch.mm(data[self.in_field], self.theta)
         return data

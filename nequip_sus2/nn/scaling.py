@@ -1,7 +1,7 @@
-"""The universal-scaling layer: per ordered species pair affine distance map (spec §2.2).
+"""The universal-scaling layer: per ordered species pair affine distance map (docs/theory.md §2.2).
 
-The per-species energy scale ``s`` and shift ``b`` of the site energy (spec §2.7) are applied by the
-host's :class:`nequip.nn.PerTypeScaleShift` (scale ``s``, shift ``b + s``).
+The per-species energy scale ``s`` and shift ``b`` of the site energy (docs/theory.md §2.7) are
+applied by the host's :class:`nequip.nn.PerTypeScaleShift` (scale ``s``, shift ``b + s``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
     ``alpha`` and ``r0`` have shape ``[N_eta, C, C]`` indexed by (channel, centre type, neighbour
     type); they are not symmetric in the pair.
     """
-
-    #: set by the ``enable_fused_moments`` modifier of :class:`MomentContraction`
-    fused: bool = False
 
     def __init__(
         self,
@@ -72,8 +69,6 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         return set_block_trainable(model, cls, ("alpha", "r0"), not frozen)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if self.fused and not self.training:  # done by the fused kernel (enable_fused_moments)
-            return data
         data = with_edge_vectors_(data, with_lengths=True)
         r = data[AtomicDataDict.EDGE_LENGTH_KEY].view(-1).to(self.alpha.dtype)  # [E]
         types = data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)

@@ -1,5 +1,8 @@
 """SUS2 training extras in NequIP's idioms (docs/training.md).
 
+* :class:`FullBatchLBFGSLightningModule`: training module (``training_module._target_``)
+  minimising the loss over the whole training set with L-BFGS, one iteration per epoch (the
+  original code's full-batch optimiser);
 * :class:`LinearPrefit`: Lightning callback (``trainer.callbacks``) solving the linear readout
   and per-species offsets by weighted least squares (:func:`linear_prefit`), at the start and
   optionally every N epochs;
@@ -12,13 +15,16 @@
 """
 
 from .guards import NonFiniteLossError, ReproducibleResume, StopOnNonFiniteLoss
-from .prefit import LinearPrefit, PrefitResult, linear_prefit
+from .lbfgs import FullBatchLBFGSLightningModule
+from .prefit import LinearPrefit, PrefitResult, PrefitSettings, linear_prefit
 from .regularizers import SiteEnergyCentre, SiteEnergySpread
 
 __all__ = [
+    "FullBatchLBFGSLightningModule",
     "LinearPrefit",
     "NonFiniteLossError",
     "PrefitResult",
+    "PrefitSettings",
     "ReproducibleResume",
     "SiteEnergyCentre",
     "SiteEnergySpread",

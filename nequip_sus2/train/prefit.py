@@ -1,4 +1,5 @@
-r"""Linear pre-fit of the SUS2 readout (spec §4) and the Lightning callback that runs it.
+r"""Linear pre-fit of the SUS2 readout (docs/theory.md §4.4) and the Lightning callback that runs
+it.
 
 With the nonlinear parameters (pair scaling, radial coefficients, species weights) fixed, the
 SUS2 energy
@@ -46,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import lightning
 import torch
@@ -236,94 +237,8 @@ class _Unstructured(Exception):
     """The moments module does not have the layout the structured path reads."""
 
 
-def _moment_program(moments):
-    """The layout of a ``MomentContraction`` (spec §2.5-2.6), read from its buffers."""
-    try:
-        p1 = int(moments.max_power) + 1
-        prog = {
-            "max_power": p1 - 1,
-            "mu": moments.basic_mu,
-            "which": moments.basic_monomial,
-            "exps": torch.stack(
-                [moments.monomial_px, moments.monomial_py - p1, moments.monomial_pz - 2 * p1], 1
-            ),
-            "times": (moments.times_p, moments.times_q, moments.times_m, moments.times_o),
-            "bounds": list(moments.stage_bounds),
-            "mapping": moments.mapping,
-            "num_slots": int(moments.num_slots),
-            "num_basic": int(moments.num_basic),
-        }
-    except (AttributeError, TypeError) as err:
-        raise _Unstructured(str(err)) from err
-    return prog
-
-
-def _edge_moments(prog, radial, dradial, vec):
-    """Per-edge basic moment terms m_e = f_mu(r) u^(a,b,c) and dm_e/dr_e  ([E, n_b], [E, n_b, 3])
-    from the radial functions, their derivative along r and the edge vectors (float64)."""
-    r = vec.square().sum(-1, keepdim=True).sqrt()
-    u = vec / r
-    P = prog["max_power"]
-    powers = [torch.ones_like(u)]
-    for _ in range(P):
-        powers.append(powers[-1] * u)
-    table = torch.stack(powers, -1)  # [E, 3, P + 1]: u_x^k, u_y^k, u_z^k
-    ex = prog["exps"].to(vec.device)  # [n_mono, 3]
-    parts = [table[:, c].index_select(1, ex[:, c]) for c in range(3)]  # each [E, n_mono]
-    mono = parts[0] * parts[1] * parts[2]
-    lower = [table[:, c].index_select(1, (ex[:, c] - 1).clamp(min=0)) for c in range(3)]
-    grad_u = torch.stack(
-        [
-            ex[:, 0] * lower[0] * parts[1] * parts[2],
-            ex[:, 1] * parts[0] * lower[1] * parts[2],
-            ex[:, 2] * parts[0] * parts[1] * lower[2],
-        ],
-        -1,
-    )  # [E, n_mono, 3] = d mono / d u
-    # chain through u = vec / r: d/dvec = (I - u u^T) / r
-    radial_part = grad_u - (grad_u * u.unsqueeze(1)).sum(-1, keepdim=True) * u.unsqueeze(1)
-    dmono = radial_part / r.unsqueeze(1)
-    mu, which = prog["mu"], prog["which"]
-    f = radial.index_select(1, mu)
-    df = dradial.index_select(1, mu)
-    mono_b, dmono_b = mono.index_select(1, which), dmono.index_select(1, which)
-    m = f * mono_b
-    dm = (df * mono_b).unsqueeze(-1) * u.unsqueeze(1) + f.unsqueeze(-1) * dmono_b
-    return m, dm
-
-
-def _contraction_with_jacobian(prog, basic, max_elements: int = 1 << 22):
-    """B = P(M) and dB/dM ([N, N_B], [N, N_B, n_basic]) by forward-mode propagation through the
-    contraction program, in chunks of atoms (float64)."""
-    tp, tq, tw, to = prog["times"]
-    tw = tw.to(_F64)
-    bounds, mapping = prog["bounds"], prog["mapping"]
-    n, nb = basic.shape
-    slots = prog["num_slots"]
-    width = max(max((bounds[k + 1] - bounds[k] for k in range(len(bounds) - 1)), default=1), slots)
-    chunk = max(1, max_elements // max(width * nb, 1))
-    Bs, Js = [], []
-    eye = torch.eye(nb, dtype=_F64, device=basic.device)
-    for start in range(0, n, chunk):
-        x = basic[start : start + chunk]
-        k = x.shape[0]
-        m = torch.cat([x, x.new_zeros(k, slots - nb)], 1)
-        T = torch.cat([eye.expand(k, nb, nb), x.new_zeros(k, slots - nb, nb)], 1)
-        for s in range(len(bounds) - 1):
-            lo, hi = bounds[s], bounds[s + 1]
-            p, q, w, o = tp[lo:hi], tq[lo:hi], tw[lo:hi], to[lo:hi]
-            mp, mq = m.index_select(1, p), m.index_select(1, q)
-            Tp, Tq = T.index_select(1, p), T.index_select(1, q)
-            dprod = Tp * mq.unsqueeze(-1) + mp.unsqueeze(-1) * Tq
-            m = m.index_add(1, o, mp * mq * w)
-            T = T.index_add(1, o, dprod * w.view(1, -1, 1))
-        Bs.append(m.index_select(1, mapping))
-        Js.append(T.index_select(1, mapping))
-    return torch.cat(Bs), torch.cat(Js)
-
-
 def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
-    """Fast path using B(i) = P(sum_e m(r_e)) (spec §2.5-2.6).
+    """Fast path using B(i) = P(sum_e m(r_e)) (docs/theory.md §2.5-2.6).
 
     Per edge, ``m_e = f_mu(|r_e|) u_e^(a,b,c)``: the radial functions and their derivative along
     ``r`` come from one forward-mode pass through the modules before ``moments`` (they depend on
@@ -338,7 +253,8 @@ def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
     net = parts.net
     names = list(net._modules)
     moments = net._modules["moments"]
-    prog = _moment_program(moments)
+    if not hasattr(moments, "basis_with_jacobian"):  # a packaged model from an older version
+        raise _Unstructured("the moments module does not offer the basis Jacobian")
     in_field = getattr(moments, "in_field", AtomicDataDict.EDGE_EMBEDDING_KEY)
     n_b = parts.num_basis
 
@@ -369,11 +285,13 @@ def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
     with torch.no_grad(), fwad.dual_level():
         radial, dradial = fwad.unpack_dual(radial_of(fwad.make_dual(vec0, unit)))
     vec64 = vec0.to(_F64)
-    m_e, dm = _edge_moments(prog, radial.detach().to(_F64), dradial.detach().to(_F64), vec64)
+    m_e, dm = moments.edge_terms_with_derivative(
+        radial.detach().to(_F64), dradial.detach().to(_F64), vec64
+    )
     centre, neighbour = data[AtomicDataDict.EDGE_INDEX_KEY]
     n_atoms = types.shape[0]
     basic = m_e.new_zeros(n_atoms, m_e.shape[1]).index_add(0, centre, m_e)
-    B, dP = _contraction_with_jacobian(prog, basic)
+    B, dP = moments.basis_with_jacobian(basic)
     scale = float(B_model.abs().max()) if B_model.numel() else 0.0
     tol = (1e-4 if B_model.dtype == torch.float32 else 1e-9) * scale + 1e-12
     if B.shape != B_model.shape or (B.numel() and float((B - B_model).abs().max()) > tol):
@@ -421,20 +339,44 @@ def _basis_jacobians(parts, data, batch_index, num_frames, types, structured: bo
     return _basis_jacobians_autograd(parts, data, batch_index, num_frames, types)
 
 
+@dataclass(frozen=True)
+class PrefitSettings:
+    """Weights and regularisation of the pre-fit (the keyword arguments of
+    :func:`linear_prefit` and :class:`LinearPrefit`, with their defaults).
+
+    Args:
+        energy_weight, force_weight, stress_weight (float): ``w_E``, ``w_F``, ``w_S``
+        per_atom_weighting (bool): divide energy and virial residuals by the atom count (the
+            original's "vibrations" weighting)
+        force_scale (float): if set, force rows get ``w_F s^2 / (|F_ref|^2 + s^2)``
+        ridge (float): relative ridge on ``theta``, ``ridge * (A^T W A)_aa``
+        reset_scales (bool): set ``s = 1`` before solving (the original code's convention)
+        max_batches (int): use at most this many batches per solve
+    """
+
+    energy_weight: float = 1.0
+    force_weight: float = 0.01
+    stress_weight: float = 0.001
+    per_atom_weighting: bool = True
+    force_scale: float | None = None
+    ridge: float = 1e-3
+    reset_scales: bool = False
+    max_batches: int | None = None
+
+
 def accumulate_batch(
     graph_model,
     batch: AtomicDataDict.Type,
     neq: NormalEquations,
-    energy_weight: float = 1.0,
-    force_weight: float = 0.01,
-    stress_weight: float = 0.001,
-    per_atom_weighting: bool = True,
-    force_scale: float | None = None,
+    settings: PrefitSettings = PrefitSettings(),
     parts: _LinearParts | None = None,
     structured: bool = True,
 ) -> None:
     """Add the rows of one batch to ``neq`` (``structured=False``: the generic, slower
     derivative path, one backward pass per basis function)."""
+    energy_weight, force_weight = settings.energy_weight, settings.force_weight
+    stress_weight, per_atom_weighting = settings.stress_weight, settings.per_atom_weighting
+    force_scale = settings.force_scale
     parts = _linear_parts(graph_model) if parts is None else parts
     data = {k: batch[k] for k in graph_model.model_input_fields if k in batch}
     batch_index, num_frames = _frame_index(batch)
@@ -564,58 +506,42 @@ def _set_parameters(parts: _LinearParts, x: torch.Tensor) -> None:
 def linear_prefit(
     model,
     batches: Iterable[AtomicDataDict.Type],
-    energy_weight: float = 1.0,
-    force_weight: float = 0.01,
-    stress_weight: float = 0.001,
-    per_atom_weighting: bool = True,
-    force_scale: float | None = None,
-    ridge: float = 1e-3,
-    reset_scales: bool = False,
+    *,
     apply: bool = True,
-    max_batches: int | None = None,
     reduce=None,
     structured: bool = True,
+    **settings,
 ) -> PrefitResult:
     """Solve the SUS2 readout ``theta`` and per-species offsets ``b + s`` by weighted ridge least
     squares over ``batches`` (``AtomicDataDict`` batches with labels) and set them in ``model``
     (a ``GraphModel``; ``apply=False`` only solves). See the module docstring for the equations.
 
-    ``reset_scales``: set every ``s`` to 1 first (the original code's convention).
-    ``reduce``: optional function summing a tensor over distributed ranks.
+    ``settings``: the fields of :class:`PrefitSettings` (weights, ridge, ``reset_scales``,
+    ``max_batches``). ``reduce``: optional function summing a tensor over distributed ranks.
     """
+    options = PrefitSettings(**settings)
     gms = _graph_models(model)
     if len(gms) != 1:
         raise ValueError("linear_prefit works on one model at a time")
     gm = gms[0]
     parts = _linear_parts(gm)
-    if reset_scales and parts.scale_shift is not None and parts.scale_shift.has_scales:
+    if options.reset_scales and parts.scale_shift is not None and parts.scale_shift.has_scales:
         with torch.no_grad():
             parts.scale_shift.scales.fill_(1.0)
     device = parts.readout.theta.device
     n = parts.num_offsets + parts.num_basis
     neq = NormalEquations.zeros(n, device=device)
     for k, batch in enumerate(batches):
-        if max_batches is not None and k >= max_batches:
+        if options.max_batches is not None and k >= options.max_batches:
             break
         batch = AtomicDataDict.to_(dict(batch), device)
-        accumulate_batch(
-            gm,
-            batch,
-            neq,
-            energy_weight=energy_weight,
-            force_weight=force_weight,
-            stress_weight=stress_weight,
-            per_atom_weighting=per_atom_weighting,
-            force_scale=force_scale,
-            parts=parts,
-            structured=structured,
-        )
+        accumulate_batch(gm, batch, neq, options, parts=parts, structured=structured)
     if reduce is not None:
         neq.ata, neq.aty, neq.yty, neq.counts = (
             reduce(t) for t in (neq.ata, neq.aty, neq.yty, neq.counts)
         )
     x_cur = parts.current().to(device)
-    x = solve_normal_equations(neq, ridge, x_cur, parts.num_offsets)
+    x = solve_normal_equations(neq, options.ridge, x_cur, parts.num_offsets)
     result = PrefitResult(x, neq.loss(x_cur), neq.loss(x), dict(neq.num_rows), parts.num_offsets)
     if apply:
         _set_parameters(parts, x)
@@ -649,48 +575,29 @@ class LinearPrefit(Callback):
         at_start (bool): solve before the first training epoch (default ``True``; not when
             resuming at a later epoch)
         every_n_epochs (int): also solve at the start of every ``every_n_epochs``-th epoch
-        energy_weight, force_weight, stress_weight (float): ``w_E``, ``w_F``, ``w_S``
-        per_atom_weighting (bool): divide energy and virial residuals by the atom count (the
-            original's "vibrations" weighting; default ``True``)
-        force_scale (float): if set, force rows get ``w_F s^2 / (|F_ref|^2 + s^2)``
-        ridge (float): relative ridge on ``theta``, ``ridge * (A^T W A)_aa`` (default 1e-3)
-        reset_scales (bool): set ``s = 1`` before solving (default ``False``: keep ``s``)
-        max_batches (int): use at most this many training batches per solve
         update_ema (bool): also write the solution into the EMA weights (default ``True``)
         reset_optimizer_state (bool): drop the optimizer state (e.g. Adam's moments) of the
             re-solved parameters, which would otherwise push them off the new solution
             (default ``True``)
+        **settings: the fields of :class:`PrefitSettings` (``energy_weight`` 1.0,
+            ``force_weight`` 0.01, ``stress_weight`` 0.001, ``per_atom_weighting`` true,
+            ``force_scale``, ``ridge`` 1e-3, ``reset_scales`` false: only the first solve,
+            ``max_batches``: training batches per solve)
     """
 
     def __init__(
         self,
         at_start: bool = True,
         every_n_epochs: int | None = None,
-        energy_weight: float = 1.0,
-        force_weight: float = 0.01,
-        stress_weight: float = 0.001,
-        per_atom_weighting: bool = True,
-        force_scale: float | None = None,
-        ridge: float = 1e-3,
-        reset_scales: bool = False,
-        max_batches: int | None = None,
         update_ema: bool = True,
         reset_optimizer_state: bool = True,
+        **settings,
     ):
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or null, got {every_n_epochs}")
         self.at_start = at_start
         self.every_n_epochs = every_n_epochs
-        self.kwargs = dict(
-            energy_weight=energy_weight,
-            force_weight=force_weight,
-            stress_weight=stress_weight,
-            per_atom_weighting=per_atom_weighting,
-            force_scale=force_scale,
-            ridge=ridge,
-            max_batches=max_batches,
-        )
-        self.reset_scales = reset_scales
+        self.settings = PrefitSettings(**settings)
         self.update_ema = update_ema
         self.reset_optimizer_state = reset_optimizer_state
         self.history: list[dict] = []
@@ -744,13 +651,10 @@ class LinearPrefit(Callback):
         params = list(pl_module.model.parameters())
         for name, gm in pl_module.model.items():
             before = {id(p): p.detach().clone() for p in params}
-            res = linear_prefit(
-                gm,
-                loader,
-                reset_scales=self.reset_scales and not self.history,
-                reduce=reduce,
-                **self.kwargs,
+            settings = replace(
+                self.settings, reset_scales=self.settings.reset_scales and not self.history
             )
+            res = linear_prefit(gm, loader, reduce=reduce, **asdict(settings))
             results.append(res)
             changed = [p for p in params if not torch.equal(before[id(p)], p.detach())]
             if ema is not None and getattr(ema, "is_holding_ema_weights", False):

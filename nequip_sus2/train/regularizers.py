@@ -1,4 +1,5 @@
-r"""Site-energy regularisers of the original SUS2/MTP training (spec §4) as NequIP loss terms.
+r"""Site-energy regularisers of the original SUS2/MTP training (docs/theory.md §4.2) as NequIP loss
+terms.
 
 Both are ``torchmetrics`` metrics that take the whole prediction and target ``AtomicDataDict``
 (``field: null`` entries of a :class:`nequip.train.MetricsManager`), so they go into the

@@ -1,5 +1,5 @@
-// Fused contraction program of SUS2 (spec 2.6) for CPU: per atom, starting from the basic
-// moments M_0 .. M_{n_basic-1},
+// Fused contraction program of SUS2 (docs/theory.md §2.6) for CPU: per atom, starting from the
+// basic moments M_0 .. M_{n_basic-1},
 //
 //   M_o += m M_p M_q   for every entry (p, q, m, o), in order,      B_a = M_{mapping[a]},
 //
@@ -186,14 +186,14 @@ at::Tensor contract_moments_backward(const at::Tensor& grad_in, const at::Tensor
   return grad_basic;
 }
 
-// Contraction program and linear readout in one pass (spec 2.6, 2.7), for inference:
+// Contraction program and linear readout in one pass (docs/theory.md §2.6, §2.7), for inference:
 //
 //   x_i = sum_a theta_a M_{slot_a}(i) + sum_{p,q} D_p(i) Q_pq D_q(i),   D_p = M_{quad_slots[p]},
 //
 // where the quadratic form (Q symmetric) replaces the basis functions that are single products
-// of two slots (the degree-4 block D_l(a,b) D_l'(a',b') of spec 6) and the program holds the
-// entries of the other slots only. Returns x [N, 1] and dx_i/dbasic_i [N, n_basic] from the
-// reverse pass run right after the forward one (G = theta at the readout slots, 2 Q D at the
+// of two slots (the degree-4 block D_l(a,b) D_l'(a',b') of docs/theory.md §6.7) and the program
+// holds the entries of the other slots only. Returns x [N, 1] and dx_i/dbasic_i [N, n_basic] from
+// the reverse pass run right after the forward one (G = theta at the readout slots, 2 Q D at the
 // quadratic-form slots, then the entries in reverse order): the backward is one multiply.
 std::tuple<at::Tensor, at::Tensor> contract_readout(
     const at::Tensor& basic_in, const at::Tensor& p, const at::Tensor& q, const at::Tensor& m,

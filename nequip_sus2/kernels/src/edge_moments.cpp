@@ -1,5 +1,6 @@
-// Fused per-edge SUS2 (spec 2.2-2.5) for CPU: from edge vectors to the basic moments of every
-// atom in one pass over the edges, and the edge-vector gradient of the backward pass in another.
+// Fused per-edge SUS2 (docs/theory.md §2.2-2.5) for CPU: from edge vectors to the basic moments of
+// every atom in one pass over the edges, and the edge-vector gradient of the backward pass in
+// another.
 //
 //   r* = alpha_{eta Z_i Z_j} (r - r0_{eta Z_i Z_j}),   xi = tanh(r*/2)                  (2.2)
 //   Q_{eta n}(r) = sigma T_n(xi) (r - R_c)^2   for r < R_c, else 0                      (2.3)

@@ -2,7 +2,7 @@
 
 :class:`SUS2Calculator` is NequIP's ``NequIPCalculator`` plus the per-atom results
 ``extrapolation_grade`` and ``max_extrapolation_grade`` when the model computes
-``sus2_extrapolation_grade`` (see :func:`nequip_sus2.active_set.write_model_with_grade`). For a
+``sus2_extrapolation_grade`` (see :func:`nequip_sus2.graded_model.write_model_with_grade`). For a
 compiled model use ``nequip-compile --mode aotinductor --target sus2_ase`` (the ``ase`` target
 plus the grade output); a model compiled with ``--target ase`` still loads, without the grade.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from nequip.integrations.ase import NequIPCalculator
 
-from ._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
-from .active_set import SUS2_ASE_TARGET, register_compile_targets
+from .._compile import SUS2_ASE_TARGET, register_compile_targets
+from .._keys import EXTRAPOLATION_GRADE_KEY as _GRADE_KEY
 
 __all__ = ["ExtrapolationError", "ExtrapolationMonitor", "SUS2Calculator"]
 

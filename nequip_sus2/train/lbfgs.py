@@ -1,0 +1,478 @@
+r"""Full-batch L-BFGS training (the original SUS2/MTP optimiser) as a NequIP training module.
+
+The original code minimises the loss over the *whole* training set with BFGS. Here one Lightning
+training step is one iteration of ``torch.optim.LBFGS`` with a strong-Wolfe line search, and
+each function evaluation (the closure) is the loss of NequIP's ``loss:`` block over the whole
+training set and its gradient, accumulated mini-batch by mini-batch (memory bounded by one
+batch). Every loss term of a ``MetricsManager`` is a mean over its rows (``MeanSquaredError``,
+``MeanAbsoluteError``, the site-energy regularisers, ...), so the full-set loss is
+
+.. math::
+
+    L = \sum_t c_t \frac{1}{N_t} \sum_b S_{t,b}, \qquad S_{t,b} = n_{t,b}\, v_{t,b}
+
+with ``c_t`` the normalised coefficient of term ``t`` (per-type terms: one leaf per type, with
+weight ``c_t/T``), ``v_{t,b}`` its value on batch ``b`` over ``n_{t,b}`` rows and ``N_t`` its
+rows in the set (counted once per run). Each batch's ``sum_t c_t S_{t,b}/N_t`` is
+back-propagated at once; ``L`` and its gradient are then exactly the loss of the concatenated
+batch and its gradient. Under DDP every rank sums over its own share of the structures (rank
+``r`` of ``W`` takes structures ``r, r + W, ...``, no padding) and one ``all_reduce`` sums ``L``
+and the gradient over the ranks.
+
+Lightning's epoch: the module sets ``trainer.limit_train_batches = 1``, so an epoch is one
+training step, i.e. one L-BFGS iteration; validation, checkpoints, ``EarlyStopping`` and
+``max_time`` work per iteration (the batch Lightning hands to ``training_step`` is not used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from nequip.data.stats import _MeanX
+from nequip.train import NequIPLightningModule
+from nequip.train.metrics import RootMeanSquaredError
+from nequip.utils import RankedLogger
+from torch.utils.data import DataLoader, Subset
+from torchmetrics import Metric
+
+from .guards import NonFiniteLossError
+
+logger = RankedLogger(__name__, rank_zero_only=True)
+
+__all__ = ["FullBatchLBFGSLightningModule", "LossTerm", "loss_terms"]
+
+#: ``torch.optim.LBFGS`` settings used for keys the ``optimizer:`` block does not set. One
+#: iteration per training step; the tolerances are off (a loss near 1e-6 eV^2 would otherwise
+#: stop too early): the module stops the run when even a steepest-descent step finds no
+#: decrease.
+DEFAULT_LBFGS = {
+    "_target_": "torch.optim.LBFGS",
+    "lr": 1.0,
+    "max_iter": 1,
+    "history_size": 100,
+    "line_search_fn": "strong_wolfe",
+    "tolerance_grad": 0.0,
+    "tolerance_change": 0.0,
+}
+#: function evaluations allowed per iteration when ``max_eval`` is not set (torch's default,
+#: ``1.25 max_iter``, leaves the line search no second evaluation at ``max_iter: 1``)
+EVALS_PER_ITERATION = 25
+
+_CKPT_KEY = "nequip_sus2_full_batch_lbfgs"
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One mean-type metric of the loss: its key in the ``MetricsManager`` output, the metric
+    (holding the running ``sum`` and ``count``) and its weight in the weighted sum."""
+
+    key: str
+    metric: _MeanX
+    coeff: float
+
+
+def loss_terms(loss) -> list[LossTerm]:
+    """The leaves of a loss ``MetricsManager`` with their weights in ``weighted_sum``; refuses
+    terms whose full-set value is not the mean of per-batch row sums (RMSE, ``reduction:
+    sum``, maxima, ...), for which the mini-batch accumulation would not be exact."""
+    terms = []
+    for name, entry in loss.entries.items():
+        if entry.coeff is None:
+            continue  # monitored, not part of the loss
+        leaves = [(name, loss[name], 1.0)]
+        if entry.per_type:
+            type_coeffs = entry.per_type_coeffs or [1.0] * len(loss.type_names)
+            total = sum(type_coeffs)
+            leaves = [
+                (f"{name}_{type_name}", loss[name][k], type_coeffs[k] / total)
+                for k, type_name in enumerate(loss.type_names)
+            ]
+        for key, metric, factor in leaves:
+            mean_type = isinstance(metric, _MeanX) and not isinstance(metric, RootMeanSquaredError)
+            if not mean_type or getattr(metric, "reduction", "mean") != "mean":
+                raise ValueError(
+                    f"full-batch L-BFGS: the loss term `{name}` ({type(metric).__name__}) is not a "
+                    "mean over rows; use mean-type metrics (MeanSquaredError, MeanAbsoluteError, "
+                    "HuberLoss with reduction 'mean', the site-energy regularisers)"
+                )
+            terms.append(LossTerm(key, metric, float(entry.coeff) * factor))
+    if not terms:
+        raise ValueError("full-batch L-BFGS: the loss has no term with a coefficient")
+    return terms
+
+
+@dataclass
+class _Evaluation:
+    """Loss and gradient at one point (the closure's cache and the step's logged values)."""
+
+    params: torch.Tensor
+    loss: torch.Tensor
+    grad: torch.Tensor
+    logs: dict[str, torch.Tensor]
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def shard_indices(num_structures: int, rank: int, world_size: int) -> range:
+    """The structures rank ``rank`` of ``world_size`` sums over: ``rank, rank + W, ...`` (a
+    partition of the set, unlike ``DistributedSampler``, which pads with repeated structures)."""
+    return range(rank, num_structures, world_size)
+
+
+class FullBatchLBFGSLightningModule(NequIPLightningModule):
+    """NequIP training module minimising the loss over the whole training set with L-BFGS.
+
+    One training step (and one Lightning epoch) is one iteration of ``torch.optim.LBFGS`` with a
+    strong-Wolfe line search; every function evaluation sums the ``loss:`` and its gradient over
+    all training batches, normalised like the mean loss over the set, and over DDP ranks. The
+    ``optimizer:`` block configures L-BFGS (missing keys from :data:`DEFAULT_LBFGS`):
+
+    .. code-block:: yaml
+
+      training_module:
+        _target_: nequip_sus2.train.FullBatchLBFGSLightningModule
+        optimizer:
+          _target_: torch.optim.LBFGS
+          history_size: 200    # pairs kept for the inverse-Hessian approximation
+          max_iter: 1          # L-BFGS iterations per training step (epoch)
+          max_eval: 25         # function evaluations per step (line search included)
+        batch_size: 16         # structures per mini-batch of a full-set evaluation
+        loss: ...              # any MetricsManager of mean-type terms
+        model: ...
+
+    When the parameters change between steps by something else than L-BFGS (``LinearPrefit``
+    re-solving the readout, a user callback) the L-BFGS history is dropped, since its curvature
+    pairs no longer describe the path. A step that finds no decrease drops the history too; if a
+    steepest-descent step finds none either, training stops (converged). ``lr_scheduler`` and
+    EMA are not used: the line search chooses the step.
+
+    Logged: NequIP's ``train_loss_step/*`` and ``train_loss_epoch/*`` (the full-set loss at the
+    start of the step; ``train_metric_*`` likewise), ``lbfgs/evaluations`` (full-set function
+    evaluations so far), ``lbfgs/step_size`` and ``lbfgs/history``; the progress bar shows the
+    loss and the evaluations.
+
+    Args:
+        batch_size (int): structures per mini-batch of a full-set evaluation (default: the
+            training dataloader's ``batch_size``); memory grows with it, the result does not
+        cache_batches (bool): keep the collated training batches (neighbour lists included) in
+            memory after the first evaluation instead of rebuilding them for every evaluation
+            (default ``True``; the memory of the batched training set)
+        other arguments: as :class:`nequip.train.NequIPLightningModule`
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        num_datasets: dict[str, int],
+        optimizer: dict | None = None,
+        lr_scheduler: dict | None = None,
+        loss: dict | None = None,
+        train_metrics: dict | None = None,
+        val_metrics: dict | None = None,
+        test_metrics: dict | None = None,
+        info_dict: dict | None = None,
+        batch_size: int | None = None,
+        cache_batches: bool = True,
+    ):
+        if lr_scheduler is not None:
+            raise ValueError(
+                "FullBatchLBFGSLightningModule: `lr_scheduler` is not used with L-BFGS (the line "
+                "search chooses the step); remove it from the config"
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or null, got {batch_size}")
+        super().__init__(
+            model=model,
+            num_datasets=num_datasets,
+            optimizer=lbfgs_settings(optimizer),
+            loss=loss,
+            train_metrics=train_metrics,
+            val_metrics=val_metrics,
+            test_metrics=test_metrics,
+            info_dict=info_dict,
+        )
+        self.automatic_optimization = False
+        self.full_batch_size = batch_size
+        self.cache_batches = cache_batches
+        self._terms: list[LossTerm] | None = None
+        self._weights: torch.Tensor | None = None  # c_t / N_t
+        self._batch_cache: list | None = None
+        self._last: _Evaluation | None = None
+        self._step_evaluations: list[_Evaluation] = []
+        self._params_after_step: torch.Tensor | None = None
+        self._epoch_logs: dict[str, torch.Tensor] = {}
+        self.evaluations = 0  # full-set function evaluations (checkpointed)
+
+    # ------------------------------------------------------------------------------------------
+    # Lightning set-up
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        limit = self.trainer.limit_train_batches
+        if limit != 1:
+            logger.info(
+                "FullBatchLBFGSLightningModule: setting trainer.limit_train_batches = 1 (was "
+                f"{limit}): one epoch is one L-BFGS iteration over the whole training set"
+            )
+        self.trainer.limit_train_batches = 1
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        if not isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                f"FullBatchLBFGSLightningModule needs torch.optim.LBFGS, got {type(optimizer)}"
+            )
+        if optimizer.param_groups[0]["line_search_fn"] != "strong_wolfe":
+            raise ValueError("FullBatchLBFGSLightningModule: set line_search_fn: strong_wolfe")
+        return optimizer
+
+    def on_train_start(self) -> None:
+        # the current parameters are where the (possibly restored) L-BFGS state ends
+        self._params_after_step = _flat(self._params())
+        self._batch_cache, self._last, self._weights = None, None, None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CKPT_KEY] = {"evaluations": self.evaluations}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.evaluations = int(checkpoint.get(_CKPT_KEY, {}).get("evaluations", 0))
+
+    # ------------------------------------------------------------------------------------------
+    # the full-set loss and gradient
+    # ------------------------------------------------------------------------------------------
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.optimizers().optimizer.param_groups[0]["params"])
+
+    def training_batches(self):
+        """This rank's share of the training set in a fixed order, on the module's device."""
+        if self._batch_cache is not None:
+            return self._batch_cache
+        loader = self.trainer.train_dataloader
+        rank, world = _world()
+        dataset = loader.dataset
+        subset = Subset(dataset, shard_indices(len(dataset), rank, world))
+        batch_size = self.full_batch_size or loader.batch_size or 1
+        full = DataLoader(
+            subset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn
+        )
+        batches = (self.trainer.strategy.batch_to_device(b) for b in full)
+        if not self.cache_batches:
+            return batches
+        self._batch_cache = list(batches)
+        return self._batch_cache
+
+    @contextlib.contextmanager
+    def _local_metrics(self):
+        """No cross-rank sync in the metrics' per-batch values (the sums are reduced once at the
+        end) and no gradient all-reduce by a ``DistributedDataParallel`` wrapper."""
+        metrics = [m for m in self.loss.modules() if isinstance(m, Metric)]
+        saved = [m.dist_sync_on_step for m in metrics]
+        wrapper = getattr(self._trainer, "strategy", None)
+        wrapper = getattr(wrapper, "model", None)
+        no_sync = wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext()
+        try:
+            for m in metrics:
+                m.dist_sync_on_step = False
+            with no_sync:
+                yield
+        finally:
+            for m, s in zip(metrics, saved, strict=True):
+                m.dist_sync_on_step = s
+
+    def _term_weights(self, batches) -> torch.Tensor:
+        """``c_t / N_t`` per loss term, ``N_t`` the rows of term ``t`` in the training set (one
+        forward pass over the set, summed over ranks)."""
+        terms = self._terms = loss_terms(self.loss)
+        self.loss.reset()
+        with self._local_metrics():
+            for k, batch in enumerate(batches):
+                output = self(batch)
+                with torch.no_grad():
+                    self.loss(output, self.process_target(batch, k))
+        counts = torch.stack([t.metric.count.to(torch.float64) for t in terms])
+        counts = _sum_over_ranks(counts.to(self.device))
+        self.loss.reset()
+        empty = [t.key for t, n in zip(terms, counts.tolist(), strict=True) if n == 0]
+        if empty:
+            raise ValueError(f"full-batch L-BFGS: no training rows for loss term(s) {empty}")
+        coeffs = torch.tensor([t.coeff for t in terms], dtype=torch.float64, device=self.device)
+        return coeffs / counts
+
+    def full_batch_loss(self, batches=None, backward: bool = True, weights=None) -> torch.Tensor:
+        """The loss of this rank's batches (default :meth:`training_batches`), normalised by the
+        row counts of the whole set (``weights``: ``c_t / N_t``, default counted once), and with
+        ``backward`` its gradient accumulated into ``.grad``. Without reduction over ranks."""
+        batches = self.training_batches() if batches is None else batches
+        if weights is None:
+            if self._weights is None:
+                self._weights = self._term_weights(batches)
+            weights = self._weights
+        terms = self._terms if self._terms is not None else loss_terms(self.loss)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss.reset()
+        if self.train_metrics is not None:
+            self.train_metrics.reset()
+        with self._local_metrics():
+            for k, batch in enumerate(batches):
+                target = self.process_target(batch, k)
+                output = self(batch)
+                before = [t.metric.count.clone() for t in terms]
+                values = self.loss(output, target)
+                part = torch.zeros((), dtype=torch.float64, device=self.device)
+                for term, n0, w in zip(terms, before, weights, strict=True):
+                    rows = term.metric.count - n0
+                    if rows > 0:
+                        part = part + w * rows * values[term.key].to(torch.float64)
+                if backward:
+                    part.backward()
+                total += part.detach()
+                if self.train_metrics is not None:
+                    with torch.no_grad():
+                        self.train_metrics(output, target)
+        return total
+
+    def _evaluate(self) -> _Evaluation:
+        """One full-set evaluation: loss and gradient summed over ranks, with the logged
+        values (NequIP's epoch computation of the same accumulated metrics)."""
+        params = self._params()
+        for p in params:
+            p.grad = None
+        loss = self.full_batch_loss()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = _sum_over_ranks(torch.cat([_flat(grads), loss.view(1).to(grads[0].dtype)]))
+        grad, loss = flat[:-1], flat[-1].to(torch.float64)
+        d = self.logging_delimiter
+        logs = self.loss.compute(prefix=f"train_loss_step{d}")
+        if self.train_metrics is not None:
+            logs.update(self.train_metrics.compute(prefix=f"train_metric_step{d}"))
+        self.evaluations += 1
+        return _Evaluation(_flat(params), loss, grad, {k: v.detach() for k, v in logs.items()})
+
+    def _closure(self) -> torch.Tensor:
+        """L-BFGS's closure: the full-set loss, gradient in ``.grad``. A point already evaluated
+        (the line search's accepted point is where the next iteration starts) is not recomputed."""
+        params = self._params()
+        here = _flat(params)
+        if self._last is None or not torch.equal(self._last.params, here):
+            self._last = self._evaluate()
+        ev = self._last
+        offset = 0
+        for p in params:
+            p.grad = ev.grad[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self._step_evaluations.append(ev)
+        return ev.loss.to(here.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # one training step = one L-BFGS iteration
+    # ------------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        """One L-BFGS iteration over the whole training set (``batch`` is not used)."""
+        opt = self.optimizers()
+        optimizer = opt.optimizer
+        params = self._params()
+        start = _flat(params)
+        if self._params_after_step is not None and not torch.equal(start, self._params_after_step):
+            reset_history(optimizer)
+            logger.info(
+                f"L-BFGS (epoch {self.current_epoch}): the parameters changed outside L-BFGS "
+                "(e.g. LinearPrefit): history reset"
+            )
+        had_history = bool(lbfgs_state(optimizer).get("old_dirs"))
+        self._step_evaluations = []
+        evaluations_before = self.evaluations
+        opt.step(closure=self._closure)
+        first = self._step_evaluations[0]
+        if not math.isfinite(float(first.loss)):
+            raise NonFiniteLossError(
+                f"the full-batch training loss is {float(first.loss)} at epoch "
+                f"{self.current_epoch}, step {self.global_step}. Usual causes: a nan/inf label "
+                "or position in the training data, or a structure with atoms far too close"
+            )
+        end = _flat(params)
+        if not bool(torch.isfinite(end).all()):
+            raise NonFiniteLossError(
+                f"L-BFGS produced non-finite parameters at epoch {self.current_epoch}"
+            )
+        if torch.equal(end, start):
+            if had_history:
+                reset_history(optimizer)
+                logger.info(f"L-BFGS (epoch {self.current_epoch}): no decrease, history reset")
+            else:
+                logger.info(
+                    f"L-BFGS (epoch {self.current_epoch}): no decrease along the steepest "
+                    f"descent either (loss {float(first.loss):.6g}): converged, stopping"
+                )
+                self.trainer.should_stop = True
+        self._params_after_step = end
+
+        state = lbfgs_state(optimizer)
+        t = state.get("t", 0.0)
+        self._epoch_logs = dict(first.logs)
+        self.log_dict(first.logs)
+        self.log("loss", first.loss, prog_bar=True, logger=False)
+        self.log("evals", float(self.evaluations - evaluations_before), prog_bar=True, logger=False)
+        self._epoch_logs.update(
+            {
+                "lbfgs/step_size": torch.as_tensor(float(t), dtype=torch.float64),
+                "lbfgs/history": torch.tensor(float(len(state.get("old_dirs") or []))),
+            }
+        )
+        return first.loss
+
+    def on_train_epoch_end(self) -> None:
+        """NequIP's epoch names for the full-set loss (and train metrics) at the step's start."""
+        d = self.logging_delimiter
+        logs = {}
+        for key, value in self._epoch_logs.items():
+            for stage in ("train_loss", "train_metric"):
+                key = key.replace(f"{stage}_step{d}", f"{stage}_epoch{d}")
+            logs[key] = value
+        if logs:
+            self.log_dict(logs)
+        self.log("lbfgs/evaluations", float(self.evaluations), prog_bar=True)
+
+
+def lbfgs_settings(optimizer: dict | None) -> dict:
+    """The ``optimizer:`` block with :data:`DEFAULT_LBFGS` for the keys it does not set
+    (``max_eval``: ``EVALS_PER_ITERATION * max_iter``)."""
+    settings = {**DEFAULT_LBFGS, **(optimizer or {})}
+    settings.setdefault("max_eval", EVALS_PER_ITERATION * int(settings["max_iter"]))
+    return settings
+
+
+def lbfgs_state(optimizer: torch.optim.LBFGS) -> dict:
+    """L-BFGS's global state (torch keeps it under the first parameter)."""
+    return optimizer.state[optimizer.param_groups[0]["params"][0]]
+
+
+def reset_history(optimizer: torch.optim.LBFGS) -> None:
+    """Drop the curvature pairs and the last direction: the next iteration starts with a
+    (scaled) steepest-descent step. The evaluation counter is kept."""
+    state = lbfgs_state(optimizer)
+    func_evals = state.get("func_evals", 0)
+    state.clear()
+    state["func_evals"] = func_evals
