@@ -28,7 +28,7 @@ from .active_set import _graph_model, _read_structures, select_add
 from .graded_model import check_graded_output, write_model_with_grade
 from .io.cfg import write_cfg
 from .nn.extrapolation import GRADE_MODULE_NAME, moments_networks
-from .package import PACKAGE_SUFFIX, _ensure_global_state, load_model, quiet_packaging
+from .package import PACKAGE_SUFFIX, ensure_global_state, load_model, quiet_packaging
 
 __all__ = ["run_active_set", "run_select_add"]
 
@@ -203,7 +203,7 @@ def run_active_set(argv: Sequence[str]) -> int:
         target = Path(args.save_active_set)
         if not target.parent.is_dir():
             raise UsageError(f"{target}: the output directory {target.parent} does not exist")
-    _ensure_global_state()
+    ensure_global_state()
     model = _load_sus2_model(args.model)
     type_names = list(_graph_model(model).type_names)
     species_map = _species_map(args.species_map, type_names)
@@ -260,7 +260,7 @@ def run_select_add(argv: Sequence[str]) -> int:
         _ase_format(args.output)
     if not out.parent.is_dir():
         raise UsageError(f"{out}: the output directory {out.parent} does not exist")
-    _ensure_global_state()
+    ensure_global_state()
     model = _load_sus2_model(args.model, need_grade=True)
     type_names = list(_graph_model(model).type_names)
     species_map = _species_map(args.species_map, type_names)

@@ -35,6 +35,7 @@ from .errors import InteropError
 
 __all__ = [
     "PACKAGE_SUFFIX",
+    "ensure_global_state",
     "example_data",
     "load_model",
     "model_format",
@@ -78,7 +79,7 @@ def _nequip_internals() -> dict[str, Any]:
     }
 
 
-def _ensure_global_state() -> None:
+def ensure_global_state() -> None:
     """nequip's global state (default dtypes, TF32 switches), set once as nequip's tools do."""
     from nequip.utils.global_state import global_state_initialized, set_global_state
 
@@ -191,7 +192,7 @@ def write_package(
         )
     if getattr(model, "is_compile_graph_model", False):
         raise InteropError("write_package needs the eager model (not a CompileGraphModel)")
-    _ensure_global_state()
+    ensure_global_state()
     # packaged like `nequip-package build` does: on CPU, in training mode (ModelFromPackage
     # fine-tuning needs it; inference callers switch to eval themselves)
     model = copy.deepcopy(model).to("cpu").train()
@@ -264,7 +265,7 @@ def load_model(path: str | os.PathLike, model_key: str | None = None):
             f"{path}: a .mtp file, not a nequip-train checkpoint (.ckpt) or a .nequip.zip "
             "package (read .mtp files with import_mtp)"
         )
-    _ensure_global_state()
+    ensure_global_state()
     try:
         models = load_saved_model(path, compile_mode=nq["eager"], model_key=None)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError) as e:

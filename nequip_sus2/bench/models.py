@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..package import ensure_global_state
+
 __all__ = [
     "BenchModel",
     "ModelSpec",
@@ -36,14 +38,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def ensure_global_state() -> None:
-    """NequIP's global state (float64 default dtype for data, TF32 off) before loading models."""
-    from nequip.utils.global_state import global_state_initialized, set_global_state
-
-    if not global_state_initialized():
-        set_global_state()
 
 
 def model_kind(model: torch.nn.Module | None) -> str:

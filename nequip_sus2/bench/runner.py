@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..package import ensure_global_state
 from . import plots as P
 from .accuracy import Predictions, accuracy_summary, predict_frames
 from .cost import MEMORY_NOTE, aoti_compile, measure_cost
 from .data import LabelledFrame, load_frames
 from .environment import describe_environment
 from .interpret import sus2_summary
-from .models import BenchModel, ensure_global_state, load_bench_models, resolve_device
+from .models import BenchModel, load_bench_models, resolve_device
 from .options import BenchOptions
 from .physics import (
     EOSStructure,

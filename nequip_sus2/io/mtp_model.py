@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from ase.io import read as read_structures
-from hydra.utils import instantiate
+from hydra.utils import get_method
 
 from .._files import replacing
 from ..data.distances import shortest_pair_distances
 from ..errors import InteropError
-from ..package import _ensure_global_state, load_model, sha256, write_package
+from ..package import ensure_global_state, load_model, sha256, write_package
 from ..program import (
     SCALING_MAPS,
     ContractionProgram,
@@ -191,14 +191,15 @@ def import_mtp(
     names = _check_species_count(mtp, path, type_names)
     if model_dtype not in ("float32", "float64"):
         raise InteropError(f"model_dtype must be 'float32' or 'float64', got {model_dtype!r}")
-    _ensure_global_state()
-    # built from its config, as nequip-train and packages build it (the builder, in turn, reads
-    # the file with mtp_parameters)
+    ensure_global_state()
+    # the builder its package records, looked up by name (io/ does not import model/; the
+    # builder in turn reads the file with mtp_parameters)
     config = _builder_config(path, names, model_dtype, repulsive_core, repulsive_core_width)
     config.update(
         seed=seed, pair_scaling_trainable=pair_scaling_trainable, compile_mode=compile_mode
     )
-    return instantiate(config, _convert_="all")
+    builder = get_method(config.pop("_target_"))
+    return builder(**config)
 
 
 def _builder_config(

@@ -9,11 +9,11 @@ PyTorch path, exactly as before the swap.
 
 :math:`x_i = \\sum_a \\theta_a B_a(i)` can run inside the contraction operator too (the readout
 is "folded"): single-product basis functions ``B = m M_p M_q`` of two degree-2 slots (the block
-:math:`D_l(a,b) D_{l'}(a',b')` of docs/theory.md §6.7) become the quadratic form :math:`D^T \\Theta
-D`, and
-:math:`\\partial x/\\partial M` comes out of the same pass. The readout is folded while the
-model's one :class:`~nequip_sus2.nn.LinearReadout` is the only reader of the scalar basis (an
-extrapolation grade also reads it, then the basis is formed), decided each time the model runs.
+:math:`D_l(a,b) D_{l'}(a',b')`, docs/theory.md §6.7) become the quadratic form
+:math:`D^T \\Theta D`, and :math:`\\partial x/\\partial M` comes out of the same pass. The
+readout is folded while the model's one :class:`~nequip_sus2.nn.LinearReadout` is the only
+reader of the scalar basis (an extrapolation grade also reads it, then the basis is formed),
+decided each time the model runs.
 """
 
 from __future__ import annotations

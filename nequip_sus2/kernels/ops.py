@@ -4,20 +4,25 @@ Importing this module builds the library if needed (:func:`nequip_sus2.kernels.b
 loads it; it is the library name that models using the kernels record for NequIP's AOTI loader
 (``_nequip_custom_ops_libs``), so compiled models find the operators when they are loaded.
 
-``sus2::basic_moments(vec [E, 3], center [E], neighbor [E], types [N], alpha [N_eta, C*C],
-r0 [N_eta, C*C], coeffs [N_mu, R], eta_of_mu [N_mu], weights [C], basic [n_basic, 4], r_max,
-sigma, num_nodes)`` returns the basic moments ``[num_nodes, n_basic]`` (docs/theory.md
-§2.2-2.5, see ``src/edge_moments.cpp``). ``sus2::basic_moments_from_positions(pos [N, 3], cell [B, 3, 3],
-shift [E, 3], batch [N], center, ...)`` is the same from positions, cell and edge cell shifts
-(float64; empty ``cell``/``shift`` without a cell, empty ``batch`` for one frame): its backward
-returns the position and cell gradients directly. ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping,
-num_slots)`` runs the contraction program on them and returns the scalar basis ``[N, N_B]``
-(docs/theory.md §2.6, ``src/contraction.cpp``). ``sus2::contract_readout(basic, p, q, m, o, slots,
-theta, quad_slots, quad, num_slots)`` runs a program and the linear readout together (the degree-4
-products as a quadratic form, docs/theory.md §6.7) and returns ``x = theta . B`` ``[N, 1]`` with
-``dx/dbasic`` ``[N, n_basic]`` (its backward is one multiply). Their backward operators (``*_backward``) differentiate the
-edge vectors and the basic moments only and are not differentiable again: the kernels serve
-inference (energies, forces, stresses), not training.
+* ``sus2::basic_moments(vec [E, 3], center [E], neighbor [E], types [N],
+  alpha [N_eta, C*C], r0 [N_eta, C*C], coeffs [N_mu, R], eta_of_mu [N_mu], weights [C],
+  basic [n_basic, 4], r_max, sigma, num_nodes)`` returns the basic moments
+  ``[num_nodes, n_basic]`` (docs/theory.md §2.2-2.5, see ``src/edge_moments.cpp``).
+* ``sus2::basic_moments_from_positions(pos [N, 3], cell [B, 3, 3], shift [E, 3], batch [N],
+  center, ...)`` is the same from positions, cell and edge cell shifts (float64; empty
+  ``cell``/``shift`` without a cell, empty ``batch`` for one frame): its backward returns the
+  position and cell gradients directly.
+* ``sus2::contract_moments(basic [N, n_basic], p, q, m, o, mapping, num_slots)`` runs the
+  contraction program on them and returns the scalar basis ``[N, N_B]`` (docs/theory.md §2.6,
+  ``src/contraction.cpp``).
+* ``sus2::contract_readout(basic, p, q, m, o, slots, theta, quad_slots, quad, num_slots)`` runs
+  a program and the linear readout together (the degree-4 products as a quadratic form,
+  docs/theory.md §6.7) and returns ``x = theta . B`` ``[N, 1]`` with ``dx/dbasic``
+  ``[N, n_basic]`` (its backward is one multiply).
+
+Their backward operators (``*_backward``) differentiate the edge vectors and the basic moments
+only and are not differentiable again: the kernels serve inference (energies, forces,
+stresses), not training.
 """
 
 from __future__ import annotations
