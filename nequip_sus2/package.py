@@ -216,19 +216,30 @@ def write_package(
     }
     config_text = yaml.safe_dump(dict(config) if config else {"source": "nequip_sus2"})
 
+    metadata_text = yaml.dump(metadata, default_flow_style=False)
     with replacing(out) as tmp, nq["suppress_warnings"]():
-        with torch.package.PackageExporter(tmp) as exp:
-            exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
-            exp.extern([f"{pkg}.**" for pkg in nq["external"]])
-            exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
-            exp.save_pickle("model", "example_data.pkl", data, dependencies=True)
-            exp.save_text("model", "config.yaml", config_text)
-            exp.save_text(
-                "model", "package_metadata.txt", yaml.dump(metadata, default_flow_style=False)
-            )
-            for mode, variant in variants.items():
-                exp.save_pickle("model", f"{mode}_model.pkl", variant, dependencies=True)
+        _export(tmp, variants, data, config_text, metadata_text)
     return out
+
+
+def _export(path, variants: Mapping, example, config_text: str, metadata_text: str, importer=None):
+    """Write the zip layout of ``nequip-package``: ``model/example_data.pkl``,
+    ``model/config.yaml``, ``model/package_metadata.txt`` and ``model/<variant>_model.pkl``,
+    with nequip's mock/extern/intern module lists (``importer``: where the classes come from,
+    default the running code)."""
+    import torch
+
+    nq = _nequip_internals()
+    options = {} if importer is None else {"importer": importer}
+    with torch.package.PackageExporter(path, **options) as exp:
+        exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
+        exp.extern([f"{pkg}.**" for pkg in nq["external"]])
+        exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
+        exp.save_pickle("model", "example_data.pkl", example, dependencies=True)
+        exp.save_text("model", "config.yaml", config_text)
+        exp.save_text("model", "package_metadata.txt", metadata_text)
+        for name, variant in variants.items():
+            exp.save_pickle("model", f"{name}_model.pkl", variant, dependencies=True)
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -342,16 +353,9 @@ def rewrite_package(
         for model_dict in models.values():
             edit(model_dict, imp)
     with replacing(out) as tmp, quiet_packaging():
+        config_text = imp.load_text("model", "config.yaml")
         importers = (imp, torch.package.importer.sys_importer)
-        with torch.package.PackageExporter(tmp, importer=importers) as exp:
-            exp.mock([f"{pkg}.**" for pkg in nq["mock"]])
-            exp.extern([f"{pkg}.**" for pkg in nq["external"]])
-            exp.intern([f"{pkg}.**" for pkg in nq["internal"]])
-            exp.save_pickle("model", "example_data.pkl", example, dependencies=True)
-            exp.save_text("model", "config.yaml", imp.load_text("model", "config.yaml"))
-            exp.save_text("model", "package_metadata.txt", meta_text)
-            for v, model_dict in models.items():
-                exp.save_pickle("model", f"{v}_model.pkl", model_dict, dependencies=True)
+        _export(tmp, models, example, config_text, meta_text, importer=importers)
 
 
 def package_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:

@@ -86,7 +86,7 @@ class FusedMomentContraction(MomentContraction):
         they are registered, the state dict is unchanged) and the readout-folding tables."""
         importlib.import_module(OPS_LIBRARY)  # by name: the installed library, also for packages
         table = torch.cat(
-            [self.basic_mu.unsqueeze(1), self.monomial_exponents[self.basic_monomial]], 1
+            [self.basic_mu.unsqueeze(1), self.monomial_exponents()[self.basic_monomial]], 1
         )
         self.register_buffer("basic_table", table.contiguous(), persistent=False)
         self._sources = list(sources)

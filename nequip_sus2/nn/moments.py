@@ -78,12 +78,6 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         self.register_buffer(
             "monomial_pz", torch.as_tensor([2 * p1 + k for k in c], dtype=torch.long)
         )
-        # (a, b, c) of every distinct monomial, [n_monomials, 3] (not saved: derived)
-        self.register_buffer(
-            "monomial_exponents",
-            torch.as_tensor(monomials, dtype=torch.long).view(-1, 3),
-            persistent=False,
-        )
 
         entries, self.stage_bounds = program.stages()
         p, q, m, o = (list(col) for col in zip(*entries, strict=True)) if entries else ([],) * 4
@@ -104,6 +98,12 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             f"num_slots={self.num_slots}, num_basic={self.num_basic}, "
             f"num_entries={self.times_o.numel()}, num_basis={self.num_basis}"
         )
+
+    def monomial_exponents(self) -> torch.Tensor:
+        """``(a, b, c)`` of every distinct monomial, [n_monomials, 3] (from the indices into
+        the power table)."""
+        p1 = self.max_power + 1
+        return torch.stack([self.monomial_px, self.monomial_py - p1, self.monomial_pz - 2 * p1], 1)
 
     def contraction_program(self) -> ContractionProgram:
         """The module's program (in the order it was given)."""
@@ -174,7 +174,7 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         for _ in range(self.max_power):
             powers.append(powers[-1] * u)
         table = torch.stack(powers, -1)  # [E, 3, P + 1]: u_x^k, u_y^k, u_z^k
-        ex = self.monomial_exponents.to(vec.device)  # [n_mono, 3]
+        ex = self.monomial_exponents().to(vec.device)  # [n_mono, 3]
         parts = [table[:, c].index_select(1, ex[:, c]) for c in range(3)]  # each [E, n_mono]
         mono = parts[0] * parts[1] * parts[2]
         lower = [table[:, c].index_select(1, (ex[:, c] - 1).clamp(min=0)) for c in range(3)]
