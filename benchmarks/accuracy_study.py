@@ -51,11 +51,16 @@ MTP_ZUO = {"Li": (0.49, 0.01), "Mo": (2.83, 0.09), "Si": (2.21, 0.06), "Ge": (1.
 RUNS: dict[str, tuple[str, list[str], str]] = {
     "alloy_sus2_l2k3_100": ("alloy_sus2_l2k3.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_l3k3_100": ("alloy_sus2_l3k3.yaml", ["train_fraction=100"], "alloy"),
+    "alloy_sus2_lbfgs_100": ("alloy_sus2_lbfgs.yaml", ["train_fraction=100"], "alloy"),
     "alloy_nequip_100": ("alloy_nequip.yaml", ["train_fraction=100"], "alloy"),
     "alloy_allegro_100": ("alloy_allegro.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_l2k3_10": ("alloy_sus2_l2k3.yaml", ["train_fraction=10"], "alloy"),
     "alloy_sus2_l2k3_30": ("alloy_sus2_l2k3.yaml", ["train_fraction=30"], "alloy"),
     **{f"mlearn_sus2_{e}": ("mlearn_sus2.yaml", [f"element={e}"], "mlearn") for e in ELEMENTS},
+    **{
+        f"mlearn_sus2_lbfgs_{e}": ("mlearn_sus2_lbfgs.yaml", [f"element={e}"], "mlearn")
+        for e in ELEMENTS
+    },
     "alloy_nequip_10": ("alloy_nequip.yaml", ["train_fraction=10"], "alloy"),
     "alloy_allegro_10": ("alloy_allegro.yaml", ["train_fraction=10"], "alloy"),
     "alloy_nequip_30": ("alloy_nequip.yaml", ["train_fraction=30"], "alloy"),
@@ -297,7 +302,70 @@ def report(out: Path, splits: dict, budget: str, mlearn_budget: str) -> dict:
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     (out / "tables.md").write_text(tables(results, splits))
     learning_curve(out, results, splits)
+    time_curves(out)
     return results
+
+
+def _validation_series(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
+    """(seconds, energy MAE meV/atom, force MAE eV/A) at every validation of a run that logged
+    ``time/train_seconds`` (``TrainingClock``); empty lists otherwise."""
+    found = sorted(run_dir.glob("metrics/version_*/metrics.csv"))
+    if not found:
+        return [], [], []
+    with open(found[-1]) as f:
+        rows = list(csv.DictReader(f))
+    # validations of training epochs only (not the validation run after training)
+    trained = {r["epoch"] for r in rows if r.get("train_loss_epoch/weighted_sum")}
+    by_epoch = {}
+    for r in rows:
+        if r.get("time/train_seconds") and r.get("val0_epoch/per_atom_energy_mae"):
+            if r["epoch"] in trained:
+                by_epoch.setdefault(r["epoch"], r)
+    seconds, energy, forces = [], [], []
+    for r in by_epoch.values():
+        seconds.append(float(r["time/train_seconds"]))
+        energy.append(1e3 * float(r["val0_epoch/per_atom_energy_mae"]))
+        forces.append(float(r["val0_epoch/forces_mae"]))
+    return seconds, energy, forces
+
+
+def time_curves(out: Path) -> None:
+    """``OUT/accuracy_vs_time.png``: validation energy and force MAE against training seconds
+    (one CPU thread) of the mlearn runs, mini-batch Adam and full-batch L-BFGS, with the MTP
+    values of Zuo et al. as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(ELEMENTS), figsize=(4 * len(ELEMENTS), 6.5), squeeze=False)
+    drawn = False
+    for col, e in enumerate(ELEMENTS):
+        recipes = (
+            (f"mlearn_sus2_{e}", "Adam (mlearn_adam.yaml)", "C0"),
+            (f"mlearn_sus2_lbfgs_{e}", "L-BFGS (mlearn.yaml)", "C1"),
+        )
+        for name, label, color in recipes:
+            seconds, energy, forces = _validation_series(out / "runs" / name)
+            if seconds:
+                axes[0, col].plot(seconds, energy, label=label, color=color)
+                axes[1, col].plot(seconds, forces, label=label, color=color)
+                drawn = True
+        for row, value in enumerate(MTP_ZUO[e]):
+            axes[row, col].axhline(value, ls="--", c="k", lw=0.8, label="MTP (Zuo 2020)")
+            axes[row, col].set_yscale("log")
+            axes[row, col].set_xlabel("training seconds (1 thread)")
+        axes[0, col].set_title(e)
+        axes[0, col].set_ylabel("validation energy MAE (meV/atom)")
+        axes[1, col].set_ylabel("validation force MAE (eV/Å)")
+    if not drawn:
+        plt.close(fig)
+        return
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_time.png", dpi=110)
+    plt.close(fig)
 
 
 def _row(name: str, entry: dict, n_train: int, stress: bool) -> str:
@@ -334,9 +402,9 @@ def tables(results: dict, splits: dict) -> str:
             lines.append(_row(name, entry, splits["alloy"][f"train_{frac}"], True))
     lines += ["", "## mlearn (per element, test split 10 %)", "", head, "|---" * 7 + "|"]
     for e in ELEMENTS:
-        entry = results.get(f"mlearn_sus2_{e}")
-        if entry:
-            lines.append(_row(f"mlearn_sus2_{e}", entry, splits[e]["train_100"], False))
+        for name in (f"mlearn_sus2_{e}", f"mlearn_sus2_lbfgs_{e}"):
+            if results.get(name):
+                lines.append(_row(name, results[name], splits[e]["train_100"], False))
     lines += ["", "MTP (Zuo et al. 2020, their test set): "]
     lines[-1] += ", ".join(f"{e} {m[0]} meV/atom & {m[1]} eV/Å" for e, m in MTP_ZUO.items())
     return "\n".join(lines) + "\n"

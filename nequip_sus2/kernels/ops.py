@@ -20,9 +20,19 @@ loads it; it is the library name that models using the kernels record for NequIP
   docs/theory.md §6.7) and returns ``x = theta . B`` ``[N, 1]`` with ``dx/dbasic``
   ``[N, n_basic]`` (its backward is one multiply).
 
-Their backward operators (``*_backward``) differentiate the edge vectors and the basic moments
-only and are not differentiable again: the kernels serve inference (energies, forces,
-stresses), not training.
+* ``sus2::basic_moments_jvp(vec, dvec, center, neighbor, types, alpha, r0, coeffs, eta_of_mu,
+  weights, basic, r_max, sigma, num_nodes)`` returns the basic moments and their tangent along
+  the edge-vector directions ``dvec`` [E, 3] (both ``[num_nodes, n_basic]``); its backward
+  differentiates the parameters ``alpha``, ``r0``, ``coeffs`` and ``weights`` (not the
+  geometry). It is the training path (:mod:`nequip_sus2.kernels.training`): the loss gradient
+  of forces and stresses is the parameter gradient of such a tangent.
+* ``sus2::contract_jvp(basic, basic_dot, p, q, m, o, mapping, num_slots)`` runs a program on
+  the basic moments and their tangent and returns the scalar basis and its tangent (both
+  ``[N, N_B]``); differentiable in both inputs (the training path's contraction).
+
+The backward operators of the other three (``*_backward``) differentiate the edge vectors and
+the basic moments only and are not differentiable again: those kernels serve inference
+(energies, forces, stresses).
 """
 
 from __future__ import annotations
@@ -31,7 +41,14 @@ import torch
 
 from . import build
 
-__all__ = ["basic_moments", "basic_moments_from_positions", "contract_moments", "contract_readout"]
+__all__ = [
+    "basic_moments",
+    "basic_moments_from_positions",
+    "basic_moments_jvp",
+    "contract_jvp",
+    "contract_moments",
+    "contract_readout",
+]
 
 
 def _load() -> None:
@@ -125,7 +142,81 @@ def _load() -> None:
         (dx_dbasic,) = ctx.saved_tensors
         return (grad_x * dx_dbasic,) + (None,) * 9
 
+    @torch.library.register_fake("sus2::basic_moments_jvp")
+    def _(vec, dvec, center, neighbor, types, alpha, r0, coeffs, eta, weights, basic, *args):
+        n = args[-1]
+        return vec.new_empty((n, basic.shape[0])), vec.new_empty((n, basic.shape[0]))
+
+    @torch.library.register_fake("sus2::basic_moments_jvp_backward")
+    def _(grad_m, grad_mdot, vec, dvec, center, neighbor, types, alpha, r0, coeffs, eta, w, *a):
+        return (alpha.new_empty(alpha.shape), r0.new_empty(r0.shape),
+                coeffs.new_empty(coeffs.shape), w.new_empty(w.shape))  # fmt: skip
+
+    def setup_jvp(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11])
+        ctx.r_max, ctx.sigma = inputs[11], inputs[12]
+        ctx.set_materialize_grads(False)
+
+    def backward_jvp(ctx, grad_m, grad_mdot):
+        if any(ctx.needs_input_grad[:2]):
+            raise RuntimeError(
+                "sus2::basic_moments_jvp differentiates the parameters alpha, r0, coeffs and "
+                "weights only, not the edge vectors or their tangents"
+            )
+        saved = ctx.saved_tensors
+        if grad_m is None and grad_mdot is None:
+            return (None,) * 14
+        like = saved[0].new_zeros((saved[4].shape[0], saved[10].shape[0]))
+        grads = torch.ops.sus2.basic_moments_jvp_backward(
+            like if grad_m is None else grad_m,
+            like if grad_mdot is None else grad_mdot,
+            *saved,
+            ctx.r_max,
+            ctx.sigma,
+        )
+        alpha, r0, coeffs, weights = grads
+        needs = ctx.needs_input_grad
+        return (
+            (None,) * 5
+            + (alpha if needs[5] else None, r0 if needs[6] else None)
+            + (coeffs if needs[7] else None, None, weights if needs[9] else None)
+            + (None,) * 4
+        )
+
+    @torch.library.register_fake("sus2::contract_jvp")
+    def _(basic, basic_dot, p, q, m, o, mapping, num_slots):
+        shape = (basic.shape[0], mapping.shape[0])
+        return basic.new_empty(shape), basic.new_empty(shape)
+
+    @torch.library.register_fake("sus2::contract_jvp_backward")
+    def _(grad, grad_dot, basic, basic_dot, *args):
+        return basic.new_empty(basic.shape), basic.new_empty(basic.shape)
+
+    def setup_contract_jvp(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.num_slots = inputs[7]
+        ctx.set_materialize_grads(False)
+
+    def backward_contract_jvp(ctx, grad, grad_dot):
+        saved = ctx.saved_tensors
+        if grad is None and grad_dot is None:
+            return (None,) * 8
+        like = saved[0].new_zeros((saved[0].shape[0], saved[6].shape[0]))
+        g, g_dot = torch.ops.sus2.contract_jvp_backward(
+            like if grad is None else grad,
+            like if grad_dot is None else grad_dot,
+            *saved,
+            ctx.num_slots,
+        )
+        return (g, g_dot) + (None,) * 6
+
     torch.library.register_autograd("sus2::basic_moments", backward, setup_context=setup_context)
+    torch.library.register_autograd(
+        "sus2::contract_jvp", backward_contract_jvp, setup_context=setup_contract_jvp
+    )
+    torch.library.register_autograd(
+        "sus2::basic_moments_jvp", backward_jvp, setup_context=setup_jvp
+    )
     torch.library.register_autograd(
         "sus2::basic_moments_from_positions", backward_positions, setup_context=setup_positions
     )
@@ -139,6 +230,8 @@ def _load() -> None:
         "basic_moments_backward",
         "basic_moments_from_positions_backward",
         "contract_moments_backward",
+        "basic_moments_jvp_backward",
+        "contract_jvp_backward",
     ):
         torch.library.register_autograd(f"sus2::{name}", no_second_derivative)
 
@@ -148,5 +241,7 @@ _load()
 # the operators themselves (signatures in the module docstring)
 basic_moments = torch.ops.sus2.basic_moments
 basic_moments_from_positions = torch.ops.sus2.basic_moments_from_positions
+basic_moments_jvp = torch.ops.sus2.basic_moments_jvp
 contract_moments = torch.ops.sus2.contract_moments
 contract_readout = torch.ops.sus2.contract_readout
+contract_jvp = torch.ops.sus2.contract_jvp

@@ -86,6 +86,17 @@ def default_radial_scaling(r_max: float, avg_num_neighbors: float | None) -> flo
     return 10.0 / (max(float(avg_num_neighbors), 1.0) * r_max**2)
 
 
+def sus2_network(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The ``SequentialGraphNetwork`` of a SUS2 model (the one holding the module named
+    ``moments``), or ``None`` when ``model`` holds none or several."""
+    nets = [
+        m
+        for m in model.modules()
+        if type(m).__name__ == "SequentialGraphNetwork" and "moments" in m._modules
+    ]
+    return nets[0] if len(nets) == 1 else None
+
+
 def _per_type(value, type_names: Sequence[str], what: str):
     """Accept a float, a {type: value} dict or a per-type sequence; return a float or dict."""
     if value is None or isinstance(value, (int, float)):

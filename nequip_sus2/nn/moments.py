@@ -288,9 +288,9 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
             1, data[AtomicDataDict.EDGE_INDEX_KEY][0], edge_moments
         )
 
-    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        data = with_edge_vectors_(data, with_lengths=True)
-        basic = self._basic_moments(data)
+    def contract(self, basic: torch.Tensor) -> torch.Tensor:
+        """The contraction program (docs/theory.md §2.6): scalar basis ``[atoms, N_B]`` from the
+        basic moments ``[n_basic, atoms]``, one stage per degree."""
         num_nodes = basic.shape[1]
         moments = torch.cat(
             [basic, basic.new_zeros(self.num_slots - self.num_basic, num_nodes)], dim=0
@@ -303,5 +303,9 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
                 * self.times_m[lo:hi].unsqueeze(-1)
             )
             moments = moments.index_add(0, self.times_o[lo:hi], prod)
-        data[self.out_field] = moments.index_select(0, self.mapping).T  # [atoms, N_B]
+        return moments.index_select(0, self.mapping).T  # [atoms, N_B]
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = with_edge_vectors_(data, with_lengths=True)
+        data[self.out_field] = self.contract(self._basic_moments(data))
         return data

@@ -176,6 +176,16 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         cache_batches (bool): keep the collated training batches (neighbour lists included) in
             memory after the first evaluation instead of rebuilding them for every evaluation
             (default ``True``; the memory of the batched training set)
+        fused_training (bool): evaluate the full-set loss and its gradient with the fused CPU
+            kernels (:mod:`nequip_sus2.kernels.training`; the same gradient to rounding, several
+            times faster). SUS2 models on CPU only; validation then runs on the kernels too
+        precondition (bool): run L-BFGS on ``q = p / d`` with ``d = diag(G)^(-1/2)``, ``G`` the
+            Gauss-Newton matrix of the loss (estimated once, at the first iteration, from
+            ``precondition_samples`` random projections; docs/theory.md §4.7), so that parameter
+            blocks of very different curvature (scaling, radial coefficients, readout) start
+            on one scale (default ``False``)
+        precondition_samples (int): random projections of the estimate (each costs about one
+            full-set evaluation; default 4)
         other arguments: as :class:`nequip.train.NequIPLightningModule`
     """
 
@@ -192,6 +202,9 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         info_dict: dict | None = None,
         batch_size: int | None = None,
         cache_batches: bool = True,
+        fused_training: bool = False,
+        precondition: bool = False,
+        precondition_samples: int = 4,
     ):
         if lr_scheduler is not None:
             raise ValueError(
@@ -213,6 +226,11 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         self.automatic_optimization = False
         self.full_batch_size = batch_size
         self.cache_batches = cache_batches
+        self.fused_training = fused_training
+        self._fused = None  # the fused path, set up at the first evaluation
+        self.precondition = precondition
+        self.precondition_samples = precondition_samples
+        self._scale: torch.Tensor | None = None  # d (flat), powers of two
         self._terms: list[LossTerm] | None = None
         self._weights: torch.Tensor | None = None  # c_t / N_t
         self._batch_cache: list | None = None
@@ -253,10 +271,12 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         self._batch_cache, self._last, self._weights = None, None, None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CKPT_KEY] = {"evaluations": self.evaluations}
+        checkpoint[_CKPT_KEY] = {"evaluations": self.evaluations, "scale": self._scale}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.evaluations = int(checkpoint.get(_CKPT_KEY, {}).get("evaluations", 0))
+        state = checkpoint.get(_CKPT_KEY, {})
+        self.evaluations = int(state.get("evaluations", 0))
+        self._scale = state.get("scale")
 
     # ------------------------------------------------------------------------------------------
     # the full-set loss and gradient
@@ -308,7 +328,7 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         self.loss.reset()
         with self._local_metrics():
             for k, batch in enumerate(batches):
-                output = self(batch)
+                output = self._outputs(batch)
                 with torch.no_grad():
                     self.loss(output, self.process_target(batch, k))
         counts = torch.stack([t.metric.count.to(torch.float64) for t in terms])
@@ -319,6 +339,18 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
             raise ValueError(f"full-batch L-BFGS: no training rows for loss term(s) {empty}")
         coeffs = torch.tensor([t.coeff for t in terms], dtype=torch.float64, device=self.device)
         return coeffs / counts
+
+    def _outputs(self, batch):
+        """The model's outputs for ``batch`` (the fused kernels' with ``fused_training``; the
+        kernel modules are swapped in here, not when the module is built, so that a model
+        loaded from the checkpoint is the plain one)."""
+        if self.fused_training and self._fused is None:
+            from ..kernels.training import FusedLossGradient
+
+            self._fused = FusedLossGradient(self.model)
+        if self._fused is not None:
+            return self._fused.outputs(self, batch)
+        return self(batch)
 
     def full_batch_loss(self, batches=None, backward: bool = True, weights=None) -> torch.Tensor:
         """The loss of this rank's batches (default :meth:`training_batches`), normalised by the
@@ -337,7 +369,7 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         with self._local_metrics():
             for k, batch in enumerate(batches):
                 target = self.process_target(batch, k)
-                output = self(batch)
+                output = self._outputs(batch)
                 before = [t.metric.count.clone() for t in terms]
                 values = self.loss(output, target)
                 part = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -345,7 +377,9 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
                     rows = term.metric.count - n0
                     if rows > 0:
                         part = part + w * rows * values[term.key].to(torch.float64)
-                if backward:
+                if backward and self._fused is not None:
+                    self._fused.backward(part, output)
+                elif backward:
                     part.backward()
                 total += part.detach()
                 if self.train_metrics is not None:
@@ -353,9 +387,10 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
                         self.train_metrics(output, target)
         return total
 
-    def _evaluate(self) -> _Evaluation:
-        """One full-set evaluation: loss and gradient summed over ranks, with the logged
-        values (NequIP's epoch computation of the same accumulated metrics)."""
+    def _evaluate(self, key: torch.Tensor) -> _Evaluation:
+        """One full-set evaluation at the current parameters (cached under ``key``): loss and
+        gradient summed over ranks, with the logged values (NequIP's epoch computation of the
+        same accumulated metrics)."""
         params = self._params()
         for p in params:
             p.grad = None
@@ -368,15 +403,24 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         if self.train_metrics is not None:
             logs.update(self.train_metrics.compute(prefix=f"train_metric_step{d}"))
         self.evaluations += 1
-        return _Evaluation(_flat(params), loss, grad, {k: v.detach() for k, v in logs.items()})
+        return _Evaluation(key, loss, grad, {k: v.detach() for k, v in logs.items()})
 
     def _closure(self) -> torch.Tensor:
         """L-BFGS's closure: the full-set loss, gradient in ``.grad``. A point already evaluated
         (the line search's accepted point is where the next iteration starts) is not recomputed."""
         params = self._params()
-        here = _flat(params)
+        here = _flat(params)  # q = p / d when preconditioned
         if self._last is None or not torch.equal(self._last.params, here):
-            self._last = self._evaluate()
+            if self._scale is None:
+                self._last = self._evaluate(here)
+            else:
+                self._rescale(params, to_q=False)
+                try:
+                    ev = self._evaluate(here)
+                finally:
+                    self._rescale(params, to_q=True)
+                ev.grad = ev.grad * self._scale.to(ev.grad.dtype)  # dL/dq = d dL/dp
+                self._last = ev
         ev = self._last
         offset = 0
         for p in params:
@@ -384,6 +428,74 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
             offset += p.numel()
         self._step_evaluations.append(ev)
         return ev.loss.to(here.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # diagonal Gauss-Newton preconditioning
+    # ------------------------------------------------------------------------------------------
+
+    def _rescale(self, params, to_q: bool) -> None:
+        """``q = p / d`` (``to_q``) or ``p = q d`` in place (exact: ``d`` are powers of two)."""
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                d = self._scale[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                p.div_(d) if to_q else p.mul_(d)
+                offset += p.numel()
+
+    def _backward(self, value: torch.Tensor, output) -> None:
+        if self._fused is not None:
+            self._fused.backward(value, output)
+        else:
+            value.backward()
+
+    def gauss_newton_scale(self) -> torch.Tensor:
+        """``d = 2^round(log2(g^(-1/2)))`` per parameter, ``g`` the diagonal of the loss's
+        Gauss-Newton matrix ``sum_t 2 w_t J_t^T J_t`` (docs/theory.md §4.7) by Hutchinson's
+        estimate: for random signs ``z`` on every row of every mean-square loss term,
+        ``E[(sum_t sqrt(2 w_t) J_t^T z_t)^2] = g``; each sample is one backward pass over the
+        training set (summed over ranks)."""
+        params = self._params()
+        batches = self.training_batches()
+        if self._weights is None:
+            self._weights = self._term_weights(batches)
+        # per loss entry: the sum of its leaves' weights c_t / N_t
+        entry_weight: dict[str, float] = {}
+        for term, w in zip(self._terms, self._weights.tolist(), strict=True):
+            # a per-type leaf is ``{entry}_{type}``
+            name = max((n for n in self.loss.entries if term.key.startswith(n)), key=len)
+            entry_weight[name] = entry_weight.get(name, 0.0) + w
+        diag = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(self.precondition_samples):
+            for p in params:
+                p.grad = None
+            with self._local_metrics():
+                for k, batch in enumerate(batches):
+                    target = self.process_target(batch, k)
+                    output = self._outputs(batch)
+                    value = torch.zeros((), dtype=torch.float64)
+                    for name, w in entry_weight.items():
+                        field = self.loss.entries[name].field
+                        if field is None:
+                            continue  # whole-dict terms (regularisers): not in the estimate
+                        pred, ref = field(output, target)
+                        z = torch.randint(0, 2, pred.shape, generator=gen).to(pred.dtype) * 2 - 1
+                        z = torch.where(torch.isfinite(ref), z, torch.zeros_like(z))
+                        value = value + (2 * w) ** 0.5 * (z * pred).sum().to(torch.float64)
+                    self._backward(value, output)
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            g = _sum_over_ranks(_flat(grads).to(torch.float64))
+            diag += g.cpu().square()
+        for p in params:
+            p.grad = None
+        diag = diag / self.precondition_samples
+        floor = 1e-3 * float(diag.mean()) if float(diag.mean()) > 0 else 1.0
+        scale = torch.exp2(torch.round(-0.5 * torch.log2(diag.clamp(min=floor))))
+        logger.info(
+            f"L-BFGS preconditioning: parameter scales 2^{int(torch.log2(scale).min())} .. "
+            f"2^{int(torch.log2(scale).max())} from {self.precondition_samples} samples"
+        )
+        return scale.to(self.device)
 
     # ------------------------------------------------------------------------------------------
     # one training step = one L-BFGS iteration
@@ -401,10 +513,20 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
                 f"L-BFGS (epoch {self.current_epoch}): the parameters changed outside L-BFGS "
                 "(e.g. LinearPrefit): history reset"
             )
+        if self.precondition and self._scale is None:
+            self._scale = self.gauss_newton_scale()
+            self._last = None
+            reset_history(optimizer)
         had_history = bool(lbfgs_state(optimizer).get("old_dirs"))
         self._step_evaluations = []
         evaluations_before = self.evaluations
-        opt.step(closure=self._closure)
+        if self._scale is not None:
+            self._rescale(params, to_q=True)
+        try:
+            opt.step(closure=self._closure)
+        finally:
+            if self._scale is not None:
+                self._rescale(params, to_q=False)
         first = self._step_evaluations[0]
         if not math.isfinite(float(first.loss)):
             raise NonFiniteLossError(

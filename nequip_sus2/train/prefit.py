@@ -118,14 +118,11 @@ def _graph_models(model) -> list:
 
 
 def _linear_parts(graph_model) -> _LinearParts:
-    nets = [
-        m
-        for m in graph_model.modules()
-        if type(m).__name__ == "SequentialGraphNetwork" and "moments" in m._modules
-    ]
-    if len(nets) != 1:
+    from ..model.sus2 import sus2_network
+
+    net = sus2_network(graph_model)
+    if net is None:
         raise TypeError("not a SUS2 model: expected one SequentialGraphNetwork with `moments`")
-    net = nets[0]
     readout = net._modules.get("readout")
     if readout is None or not hasattr(readout, "theta"):
         raise TypeError("not a SUS2 model: no `readout` with `theta`")
@@ -339,6 +336,11 @@ def _basis_jacobians(parts, data, batch_index, num_frames, types, structured: bo
     return _basis_jacobians_autograd(parts, data, batch_index, num_frames, types)
 
 
+#: MLIP-2's ``--weighting``: powers of the atom count dividing the squared energy, force and
+#: virial residuals of a configuration
+WEIGHTING_POWERS = {"vibrations": (1, 0, 1), "structures": (2, 1, 2), "molecules": (0, 0, 0)}
+
+
 @dataclass(frozen=True)
 class PrefitSettings:
     """Weights and regularisation of the pre-fit (the keyword arguments of
@@ -346,8 +348,12 @@ class PrefitSettings:
 
     Args:
         energy_weight, force_weight, stress_weight (float): ``w_E``, ``w_F``, ``w_S``
-        per_atom_weighting (bool): divide energy and virial residuals by the atom count (the
-            original's "vibrations" weighting)
+        weighting (str): how configurations of different size count, as MLIP-2's
+            ``--weighting``: ``vibrations`` (default, the original's: squared energy and virial
+            residuals divided by the atom count N), ``structures`` (energy and virial by N²,
+            forces by N: every configuration counts the same, like NequIP's per-atom energy
+            MSE) or ``molecules`` (no division)
+        per_atom_weighting (bool): ``false`` is ``weighting: molecules`` (kept for old configs)
         force_scale (float): if set, force rows get ``w_F s^2 / (|F_ref|^2 + s^2)``
         ridge (float): relative ridge on ``theta``, ``ridge * (A^T W A)_aa``
         reset_scales (bool): set ``s = 1`` before solving (the original code's convention)
@@ -357,7 +363,20 @@ class PrefitSettings:
     energy_weight: float = 1.0
     force_weight: float = 0.01
     stress_weight: float = 0.001
+    weighting: str = "vibrations"
     per_atom_weighting: bool = True
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTING_POWERS:
+            raise ValueError(
+                f"LinearPrefit: weighting must be one of {sorted(WEIGHTING_POWERS)}, got "
+                f"{self.weighting!r}"
+            )
+
+    def size_powers(self) -> tuple[int, int, int]:
+        """Powers of the atom count dividing the squared energy, force and virial residuals."""
+        return WEIGHTING_POWERS["molecules" if not self.per_atom_weighting else self.weighting]
+
     force_scale: float | None = None
     ridge: float = 1e-3
     reset_scales: bool = False
@@ -375,7 +394,8 @@ def accumulate_batch(
     """Add the rows of one batch to ``neq`` (``structured=False``: the generic, slower
     derivative path, one backward pass per basis function)."""
     energy_weight, force_weight = settings.energy_weight, settings.force_weight
-    stress_weight, per_atom_weighting = settings.stress_weight, settings.per_atom_weighting
+    stress_weight = settings.stress_weight
+    p_energy, p_forces, p_stress = settings.size_powers()
     force_scale = settings.force_scale
     parts = _linear_parts(graph_model) if parts is None else parts
     data = {k: batch[k] for k in graph_model.model_input_fields if k in batch}
@@ -407,8 +427,7 @@ def accumulate_batch(
         A = torch.cat([off, G], 1)
         ref = batch[AtomicDataDict.TOTAL_ENERGY_KEY].to(_F64).view(-1)
         y = ref - E + A @ x_cur
-        norm = n_atoms if per_atom_weighting else torch.ones_like(n_atoms)
-        neq.add(A, y, energy_weight / norm**2, "energy")
+        neq.add(A, y, energy_weight / n_atoms**p_energy, "energy")
 
     # --- force rows: F = -dE/dr ---
     if AtomicDataDict.FORCE_KEY in batch and force_weight > 0:
@@ -418,14 +437,15 @@ def accumulate_batch(
         )  # fmt: skip
         ref = batch[AtomicDataDict.FORCE_KEY].to(_F64)
         y = (ref + dE_pos).reshape(-1) + A @ x_cur
-        w = torch.full_like(y, force_weight)
+        atoms_of_row = n_atoms.index_select(0, batch_index).repeat_interleave(3)
+        w = force_weight / atoms_of_row**p_forces
         if force_scale is not None:
             s2 = force_scale**2
             f2 = torch.nan_to_num(ref).square().sum(-1, keepdim=True).expand(-1, 3)
             w = w * (s2 / (f2 + s2)).reshape(-1)
         neq.add(A, y, w, "forces")
 
-    # --- stress rows: sigma = (1/V) dE/deps; residual of W = -V sigma, divided by N ---
+    # --- stress rows: sigma = (1/V) dE/deps; squared residual of W = -V sigma, divided by N ---
     if has_cell and AtomicDataDict.STRESS_KEY in batch and stress_weight > 0:
         volume = torch.linalg.det(cell.to(_F64)).abs()
         ok = volume > 0
@@ -437,8 +457,7 @@ def accumulate_batch(
         ref = batch[AtomicDataDict.STRESS_KEY].to(_F64).reshape(num_frames, 9)
         pred = dE_eps.reshape(num_frames, 9) / safe_v.unsqueeze(1)
         y = (ref - pred).reshape(-1) + A @ x_cur
-        scale = safe_v / n_atoms if per_atom_weighting else safe_v
-        w = (stress_weight * scale**2).repeat_interleave(9)
+        w = (stress_weight * safe_v**2 / n_atoms**p_stress).repeat_interleave(9)
         w = torch.where(ok.repeat_interleave(9), w, torch.zeros_like(w))
         neq.add(A, y, w, "stress")
 
@@ -567,9 +586,9 @@ class LinearPrefit(Callback):
         callbacks:
           - _target_: nequip_sus2.train.LinearPrefit
             every_n_epochs: 5      # also re-solve at epochs 5, 10, ... (null: only at the start)
-            energy_weight: 1.0     # w_E (energy residual / N atoms)
+            energy_weight: 1.0     # w_E (squared energy residual / N atoms)
             force_weight: 0.01     # w_F (per force component)
-            stress_weight: 0.001   # w_S (virial residual / N atoms)
+            stress_weight: 0.001   # w_S (squared virial residual / N atoms)
 
     Args:
         at_start (bool): solve before the first training epoch (default ``True``; not when
@@ -580,7 +599,7 @@ class LinearPrefit(Callback):
             re-solved parameters, which would otherwise push them off the new solution
             (default ``True``)
         **settings: the fields of :class:`PrefitSettings` (``energy_weight`` 1.0,
-            ``force_weight`` 0.01, ``stress_weight`` 0.001, ``per_atom_weighting`` true,
+            ``force_weight`` 0.01, ``stress_weight`` 0.001, ``weighting`` vibrations,
             ``force_scale``, ``ridge`` 1e-3, ``reset_scales`` false: only the first solve,
             ``max_batches``: training batches per solve)
     """

@@ -255,6 +255,147 @@ std::tuple<at::Tensor, at::Tensor> contract_readout(
   return {x, grad_basic};
 }
 
+// --- training (docs/theory.md §4.6): the program's tangent and its vector-Jacobian product ----
+//
+// sus2::contract_jvp(basic, basic_dot, ...) returns B and its tangent dB for the tangent dM of
+// the basic moments: dM_o += m (dM_p M_q + M_p dM_q) for every entry (M final first: an entry
+// reads only slots that are complete). Its backward, with G = dL/dM and H = dL/d(dM) seeded by
+// dL/dB and dL/d(dB), runs the entries in reverse order:
+//   G_p += m (G_o M_q + H_o dM_q),   G_q += m (G_o M_p + H_o dM_p),
+//   H_p += m H_o M_q,                H_q += m H_o M_p.
+
+// dM [n_slots][kAtoms] of atoms [i0, i0 + n) from basic_dot [N, n_basic] and the block's M
+template <typename T>
+void evaluate_tangent(const Program<T>& prog, const T* basic_dot, const T* M, int64_t i0,
+                      int64_t n, T* D) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = basic_dot + (i0 + i) * prog.n_basic;
+    for (int64_t b = 0; b < prog.n_basic; ++b) D[b * kAtoms + i] = row[b];
+  }
+  for (int64_t b = 0; b < prog.n_basic; ++b) {
+    std::fill(D + b * kAtoms + n, D + (b + 1) * kAtoms, T(0));
+  }
+  std::fill(D + prog.n_basic * kAtoms, D + prog.n_slots * kAtoms, T(0));
+  using V = at::vec::Vectorized<T>;
+  for (size_t k = 0; k < prog.p.size(); ++k) {
+    const T* Mp = M + prog.p[k] * kAtoms;
+    const T* Mq = M + prog.q[k] * kAtoms;
+    const T* Dp = D + prog.p[k] * kAtoms;
+    const T* Dq = D + prog.q[k] * kAtoms;
+    T* Do = D + prog.o[k] * kAtoms;
+    const V mk(prog.m[k]);
+    for (int64_t i = 0; i < kAtoms; i += V::size()) {
+      const V t = at::vec::fmadd(V::loadu(Dp + i), V::loadu(Mq + i), V::loadu(Mp + i) * V::loadu(Dq + i));
+      at::vec::fmadd(mk, t, V::loadu(Do + i)).store(Do + i);
+    }
+  }
+}
+
+// M and dM of every block of atoms (threads over blocks)
+template <typename T, typename F>
+void for_each_tangent_block(const Program<T>& prog, const T* basic, const T* basic_dot, int64_t N,
+                            const F& body) {
+  at::parallel_for(0, N, 4 * kAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> M(prog.n_slots * kAtoms), D(prog.n_slots * kAtoms);
+    for (int64_t i0 = begin; i0 < end; i0 += kAtoms) {
+      const int64_t n = std::min(kAtoms, end - i0);
+      evaluate(prog, basic, i0, n, M.data());
+      evaluate_tangent(prog, basic_dot, M.data(), i0, n, D.data());
+      body(i0, n, M.data(), D.data());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> contract_jvp(const at::Tensor& basic_in,
+                                                const at::Tensor& basic_dot_in,
+                                                const at::Tensor& p, const at::Tensor& q,
+                                                const at::Tensor& m, const at::Tensor& o,
+                                                const at::Tensor& mapping, int64_t num_slots) {
+  const char* op = "sus2::contract_jvp: ";
+  TORCH_CHECK(basic_in.dim() == 2 && basic_dot_in.sizes() == basic_in.sizes() &&
+                  basic_dot_in.scalar_type() == basic_in.scalar_type(),
+              op, "basic and basic_dot must be [N, n_basic] of one dtype");
+  TORCH_CHECK(basic_in.device().is_cpu(), op, "CPU only");
+  const auto basic = basic_in.contiguous(), basic_dot = basic_dot_in.contiguous();
+  const int64_t N = basic.size(0), n_basis = mapping.size(0);
+  auto out = at::empty({N, n_basis}, basic.options());
+  auto out_dot = at::empty({N, n_basis}, basic.options());
+  AT_DISPATCH_FLOATING_TYPES(basic.scalar_type(), "sus2_contract_jvp", [&] {
+    const auto prog = program_of<scalar_t>(p, q, m, o, mapping, num_slots, basic.size(1));
+    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* yd = out_dot.data_ptr<scalar_t>();
+    for_each_tangent_block(
+        prog, basic.data_ptr<scalar_t>(), basic_dot.data_ptr<scalar_t>(), N,
+        [&](int64_t i0, int64_t n, const scalar_t* M, const scalar_t* D) {
+          for (int64_t i = 0; i < n; ++i) {
+            for (int64_t a = 0; a < n_basis; ++a) {
+              y[(i0 + i) * n_basis + a] = M[prog.mapping[a] * kAtoms + i];
+              yd[(i0 + i) * n_basis + a] = D[prog.mapping[a] * kAtoms + i];
+            }
+          }
+        });
+  });
+  return {out, out_dot};
+}
+
+std::tuple<at::Tensor, at::Tensor> contract_jvp_backward(
+    const at::Tensor& grad_in, const at::Tensor& grad_dot_in, const at::Tensor& basic_in,
+    const at::Tensor& basic_dot_in, const at::Tensor& p, const at::Tensor& q, const at::Tensor& m,
+    const at::Tensor& o, const at::Tensor& mapping, int64_t num_slots) {
+  const auto basic = basic_in.contiguous(), basic_dot = basic_dot_in.contiguous();
+  const auto grad = grad_in.to(basic.scalar_type()).contiguous();
+  const auto grad_dot = grad_dot_in.to(basic.scalar_type()).contiguous();
+  const int64_t N = basic.size(0), n_basis = mapping.size(0), nb = basic.size(1);
+  for (const auto* g : {&grad, &grad_dot}) {
+    TORCH_CHECK(g->dim() == 2 && g->size(0) == N && g->size(1) == n_basis,
+                "sus2::contract_jvp_backward: grads must be [N, n_basis]");
+  }
+  auto grad_basic = at::empty_like(basic), grad_basic_dot = at::empty_like(basic);
+  AT_DISPATCH_FLOATING_TYPES(basic.scalar_type(), "sus2_contract_jvp_backward", [&] {
+    using V = at::vec::Vectorized<scalar_t>;
+    const auto prog = program_of<scalar_t>(p, q, m, o, mapping, num_slots, nb);
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* gd = grad_dot.data_ptr<scalar_t>();
+    scalar_t* out = grad_basic.data_ptr<scalar_t>();
+    scalar_t* out_dot = grad_basic_dot.data_ptr<scalar_t>();
+    for_each_tangent_block(
+        prog, basic.data_ptr<scalar_t>(), basic_dot.data_ptr<scalar_t>(), N,
+        [&](int64_t i0, int64_t n, const scalar_t* M, const scalar_t* D) {
+          std::vector<scalar_t> G(prog.n_slots * kAtoms), H(prog.n_slots * kAtoms);
+          for (int64_t a = 0; a < n_basis; ++a) {
+            const int64_t s = prog.mapping[a] * kAtoms;
+            for (int64_t i = 0; i < n; ++i) {
+              G[s + i] += g[(i0 + i) * n_basis + a];
+              H[s + i] += gd[(i0 + i) * n_basis + a];
+            }
+          }
+          for (int64_t k = static_cast<int64_t>(prog.p.size()) - 1; k >= 0; --k) {
+            const int64_t sp = prog.p[k] * kAtoms, sq = prog.q[k] * kAtoms;
+            const int64_t so = prog.o[k] * kAtoms;
+            const V mk(prog.m[k]);
+            for (int64_t i = 0; i < kAtoms; i += V::size()) {
+              const V go = mk * V::loadu(G.data() + so + i), ho = mk * V::loadu(H.data() + so + i);
+              const V mp = V::loadu(M + sp + i), mq = V::loadu(M + sq + i);
+              const V dp = V::loadu(D + sp + i), dq = V::loadu(D + sq + i);
+              at::vec::fmadd(go, mq, at::vec::fmadd(ho, dq, V::loadu(G.data() + sp + i)))
+                  .store(G.data() + sp + i);
+              at::vec::fmadd(go, mp, at::vec::fmadd(ho, dp, V::loadu(G.data() + sq + i)))
+                  .store(G.data() + sq + i);
+              at::vec::fmadd(ho, mq, V::loadu(H.data() + sp + i)).store(H.data() + sp + i);
+              at::vec::fmadd(ho, mp, V::loadu(H.data() + sq + i)).store(H.data() + sq + i);
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            for (int64_t c = 0; c < nb; ++c) {
+              out[(i0 + i) * nb + c] = G[c * kAtoms + i];
+              out_dot[(i0 + i) * nb + c] = H[c * kAtoms + i];
+            }
+          }
+        });
+  });
+  return {grad_basic, grad_basic_dot};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sus2, m) {
@@ -267,10 +408,19 @@ TORCH_LIBRARY_FRAGMENT(sus2, m) {
   m.def(
       "contract_readout(Tensor basic, Tensor p, Tensor q, Tensor m, Tensor o, Tensor slots, "
       "Tensor theta, Tensor quad_slots, Tensor quad, int num_slots) -> (Tensor, Tensor)");
+  m.def(
+      "contract_jvp(Tensor basic, Tensor basic_dot, Tensor p, Tensor q, Tensor m, Tensor o, "
+      "Tensor mapping, int num_slots) -> (Tensor, Tensor)");
+  m.def(
+      "contract_jvp_backward(Tensor grad, Tensor grad_dot, Tensor basic, Tensor basic_dot, "
+      "Tensor p, Tensor q, Tensor m, Tensor o, Tensor mapping, int num_slots) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sus2, CPU, m) {
   m.impl("contract_moments", &contract_moments);
   m.impl("contract_moments_backward", &contract_moments_backward);
   m.impl("contract_readout", &contract_readout);
+  m.impl("contract_jvp", &contract_jvp);
+  m.impl("contract_jvp_backward", &contract_jvp_backward);
 }

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -723,6 +724,335 @@ std::tuple<at::Tensor, at::Tensor> basic_moments_from_positions_backward(
   return {grad_pos.sum(0), cell_grad};
 }
 
+// --- training (docs/theory.md §4.6): the moments' tangent and its parameter gradients --------
+//
+// sus2::basic_moments_jvp(vec, dvec, ...) returns the basic moments M and their tangent
+// Mdot = dM/dt of r_ij -> r_ij + t d_ij (d the edges' tangents dvec), with
+//   rdot = u.d,   udot = (d - u rdot) / r,
+//   Mdot_b(i) = sum_j f'_mu(r) rdot m_b(u) + f_mu(r) grad m_b(u).udot.
+// Its backward returns the gradients of Phi = sum Mbar M + Mdotbar Mdot with respect to the
+// parameters alpha, r0, c and w (not the geometry). Per edge, with P_mu = sum_{b: mu_b = mu}
+// (Mbar_b m_b + Mdotbar_b grad m_b.udot), Q_mu = sum_{b: mu_b = mu} Mdotbar_b m_b,
+// W = w_i w_j, f_mu = W env g_mu(xi), f'_mu = W (env' g_mu + env xi_r g'_mu),
+// xi_r = dxi/dr = (alpha/2)(1 - xi^2), g_mu = sum_n c_{mu n} T_n(xi):
+//   Phi_e = W sum_mu [A_mu g_mu(xi) + B_mu xi_r g'_mu(xi)],
+//   A_mu = P_mu env + Q_mu rdot env',   B_mu = Q_mu rdot env,
+//   dPhi/dc_{mu n} = W (A_mu T_n + B_mu xi_r T'_n),   dPhi/dw_i = w_j Phi_e / W (and i <-> j),
+//   dPhi/dalpha = (X - Y alpha xi) dxi/dalpha + Y (1 - xi^2) / 2,   dPhi/dr0 = -(X - Y alpha xi) xi_r,
+//   X = W sum_{mu in eta} (A_mu g'_mu + B_mu xi_r g''_mu),   Y = W sum_{mu in eta} B_mu g'_mu,
+//   dxi/dalpha = (1 - xi^2)(r - r0) / 2.
+// This is what training needs: the loss gradient of the forces is the parameter gradient of a
+// directional derivative of the energy (nequip_sus2/kernels/training.py).
+
+// rdot, udot and the monomials' tangents grad m_j . udot of a loaded segment ([n_mono][lanes])
+template <typename T>
+void tangents(const Model<T>& m, const Block<T>& blk, const T* dvec, int64_t e0, T* rdot,
+              T* udx, T* udy, T* udz, T* dmono) {
+  for (int64_t i = 0; i < blk.np; ++i) {
+    const bool real = i < blk.n;  // padding lanes have no tangent
+    const T dx = real ? dvec[3 * (e0 + i)] : T(0), dy = real ? dvec[3 * (e0 + i) + 1] : T(0),
+            dz = real ? dvec[3 * (e0 + i) + 2] : T(0);
+    const T ux = blk.ux[i], uy = blk.uy[i], uz = blk.uz[i];
+    const T rd = ux * dx + uy * dy + uz * dz;
+    rdot[i] = rd;
+    udx[i] = (dx - ux * rd) * blk.inv[i];
+    udy[i] = (dy - uy * rd) * blk.inv[i];
+    udz[i] = (dz - uz * rd) * blk.inv[i];
+  }
+  for (size_t j = 0; j < m.ma.size(); ++j) {
+    const int64_t pa = m.ma[j], pb = m.mb[j], pc = m.mc[j];
+    const T* px = blk.px.data();
+    const T* py = blk.py.data();
+    const T* pz = blk.pz.data();
+    T* out = dmono + j * kLanes;
+    for (int64_t i = 0; i < blk.np; ++i) {
+      const T x = px[pa * kLanes + i], y = py[pb * kLanes + i], z = pz[pc * kLanes + i];
+      T s = T(0);
+      if (pa > 0) s += T(pa) * px[(pa - 1) * kLanes + i] * y * z * udx[i];
+      if (pb > 0) s += T(pb) * x * py[(pb - 1) * kLanes + i] * z * udy[i];
+      if (pc > 0) s += T(pc) * x * y * pz[(pc - 1) * kLanes + i] * udz[i];
+      out[i] = s;
+    }
+  }
+}
+
+// Per-thread work space of the training passes
+template <typename T>
+struct TangentBlock {
+  std::vector<T> rdot, udx, udy, udz, dmono, fr;
+  explicit TangentBlock(const Model<T>& m)
+      : rdot(kLanes), udx(kLanes), udy(kLanes), udz(kLanes), dmono(m.ma.size() * kLanes),
+        fr(m.n_mu * kLanes) {}
+};
+
+// M and Mdot of the centres of the edges [begin, end), added to out and out_dot
+template <typename T>
+void jvp_range(const Model<T>& m, const EdgeVectors<T>& geo, const T* dvec, const int64_t* center,
+               const int64_t* neighbor, int64_t begin, int64_t end, T* out, T* out_dot) {
+  Block<T> blk(m);
+  TangentBlock<T> tb(m);
+  constexpr int64_t VS = at::vec::Vectorized<T>::size();
+  std::vector<T> lanes(2 * m.n_basic * VS);
+  for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
+    load_segment(m, geo, neighbor, e0, n, a, true, blk);
+    tangents(m, blk, dvec, e0, tb.rdot.data(), tb.udx.data(), tb.udy.data(), tb.udz.data(),
+             tb.dmono.data());
+    for (int64_t mu = 0; mu < m.n_mu; ++mu) {
+      SUS2_SIMD
+      for (int64_t i = 0; i < blk.np; ++i) {
+        tb.fr[mu * kLanes + i] = blk.df[mu * kLanes + i] * tb.rdot[i];
+      }
+    }
+    std::vector<T> extra(VS);
+    for (int64_t k = 0; k < m.n_basic; ++k) {
+      const int64_t mu = m.mu[k], j = m.mono[k];
+      dot_lanes(blk.f.data() + mu * kLanes, blk.mono.data() + j * kLanes, blk.np,
+                lanes.data() + k * VS);
+      dot_lanes(tb.fr.data() + mu * kLanes, blk.mono.data() + j * kLanes, blk.np,
+                lanes.data() + (m.n_basic + k) * VS);
+      dot_lanes(blk.f.data() + mu * kLanes, tb.dmono.data() + j * kLanes, blk.np, extra.data());
+      for (int64_t l = 0; l < VS; ++l) lanes[(m.n_basic + k) * VS + l] += extra[l];
+    }
+    for (int64_t k = 0; k < m.n_basic; ++k) {
+      T s = T(0), sd = T(0);
+      for (int64_t l = 0; l < VS; ++l) {
+        s += lanes[k * VS + l];
+        sd += lanes[(m.n_basic + k) * VS + l];
+      }
+      out[a * m.n_basic + k] += s;
+      out_dot[a * m.n_basic + k] += sd;
+    }
+  });
+}
+
+// dPhi/d(alpha, r0, c, w) of one loaded segment, vectorised over its lanes. The c gradient
+// goes to per-lane partial sums gc [N_mu * R][vector width]; the per-pair alpha and r0
+// gradients and Phi_e / W of each lane to da, dr [N_eta][lanes] and S [lanes], scattered by the
+// caller (padding lanes have W = 0 and contribute zero).
+template <typename T, int kR>
+void param_gradients_r(const Model<T>& m, const Block<T>& blk, const TangentBlock<T>& tb,
+                       const T* Ga, const T* Gda, T* P, T* Q, T* gc, T* da, T* dr, T* S) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t R = kR > 0 ? kR : m.n_r, np = blk.np, CC = m.n_types * m.n_types;
+  constexpr int64_t kSize = kR > 0 ? kR : kMaxRuntimeR;
+  std::fill(P, P + m.n_mu * kLanes, T(0));
+  std::fill(Q, Q + m.n_mu * kLanes, T(0));
+  for (int64_t k = 0; k < m.n_basic; ++k) {  // P_mu = sum G m + Gdot m', Q_mu = sum Gdot m
+    const T ga = Ga[k], gd = Gda[k];
+    const T* mono = blk.mono.data() + m.mono[k] * kLanes;
+    const T* dmono = tb.dmono.data() + m.mono[k] * kLanes;
+    T* Pm = P + m.mu[k] * kLanes;
+    T* Qm = Q + m.mu[k] * kLanes;
+    SUS2_SIMD
+    for (int64_t i = 0; i < np; ++i) {
+      Pm[i] += ga * mono[i] + gd * dmono[i];
+      Qm[i] += gd * mono[i];
+    }
+  }
+  using I = at::vec::Vectorized<at::vec::int_same_size_t<T>>;
+  const V one(T(1)), two(T(2)), half(T(0.5));
+  for (int64_t i = 0; i < np; i += VS) {
+    const V env = V::loadu(blk.env.data() + i), denv = V::loadu(blk.denv.data() + i);
+    const V W = V::loadu(blk.w.data() + i), rd = V::loadu(tb.rdot.data() + i);
+    const V r = V::loadu(blk.r.data() + i);
+    const I pair = I::loadu(blk.pair.data() + i);
+    V Sv(T(0));
+    for (int64_t eta = 0; eta < m.n_eta; ++eta) {
+      const V xi = V::loadu(blk.xi.data() + eta * kLanes + i);
+      const V ha = V::loadu(blk.half_alpha.data() + eta * kLanes + i);
+      const V one_m = one - xi * xi, xi_r = ha * one_m;
+      V t[kSize], dt[kSize], ddt[kSize];
+      t[0] = one;
+      dt[0] = ddt[0] = V(T(0));
+      if (R > 1) {
+        t[1] = xi;
+        dt[1] = one;
+        ddt[1] = V(T(0));
+      }
+      for (int64_t k = 2; k < R; ++k) {
+        t[k] = two * xi * t[k - 1] - t[k - 2];
+        dt[k] = two * t[k - 1] + two * xi * dt[k - 1] - dt[k - 2];
+        ddt[k] = V(T(4)) * dt[k - 1] + two * xi * ddt[k - 1] - ddt[k - 2];
+      }
+      V X(T(0)), Y(T(0));
+      for (const int64_t mu : m.mus_of_eta[eta]) {
+        const V Pv = V::loadu(P + mu * kLanes + i), Qv = V::loadu(Q + mu * kLanes + i);
+        const V A = Pv * env + Qv * rd * denv, B = Qv * rd * env, Bx = B * xi_r;
+        const V WA = W * A, WBx = W * Bx;
+        const T* c = m.coeffs + mu * R;
+        T* g_lanes = gc + mu * R * VS;
+        V g(T(0)), dg(T(0)), ddg(T(0));
+        for (int64_t k = 0; k < R; ++k) {
+          const V ck(c[k]);
+          g = at::vec::fmadd(ck, t[k], g);
+          dg = at::vec::fmadd(ck, dt[k], dg);
+          ddg = at::vec::fmadd(ck, ddt[k], ddg);
+          const V acc = V::loadu(g_lanes + k * VS);
+          at::vec::fmadd(WA, t[k], at::vec::fmadd(WBx, dt[k], acc)).store(g_lanes + k * VS);
+        }
+        Sv = Sv + A * g + Bx * dg;
+        X = X + A * dg + Bx * ddg;
+        Y = Y + B * dg;
+      }
+      X = X * W;
+      Y = Y * W;
+      const V r0 = at::vec::gather<sizeof(T)>(m.r0 + eta * CC, pair);
+      const V Z = X - Y * two * ha * xi;  // X - Y alpha xi
+      (Z * one_m * (r - r0) * half + Y * one_m * half).store(da + eta * kLanes + i);
+      (V(T(0)) - Z * xi_r).store(dr + eta * kLanes + i);
+    }
+    Sv.store(S + i);
+  }
+}
+
+// dPhi/d(alpha, r0, c, w) of the edges [begin, end), added to grad ([alpha | r0 | c | w],
+// this thread's copy)
+template <typename T>
+void jvp_backward_range(const Model<T>& m, const EdgeVectors<T>& geo, const T* dvec,
+                        const int64_t* center, const int64_t* neighbor, const T* Gm,
+                        const T* Gd, int64_t begin, int64_t end, T* grad) {
+  constexpr int64_t VS = at::vec::Vectorized<T>::size();
+  const int64_t CC = m.n_types * m.n_types, R = m.n_r;
+  T* g_alpha = grad;
+  T* g_r0 = grad + m.n_eta * CC;
+  T* g_c = g_r0 + m.n_eta * CC;
+  T* g_w = g_c + m.n_mu * R;
+  Block<T> blk(m);
+  TangentBlock<T> tb(m);
+  std::vector<T> P(m.n_mu * kLanes), Q(m.n_mu * kLanes), gc(m.n_mu * R * VS);
+  std::vector<T> da(m.n_eta * kLanes), dr(m.n_eta * kLanes), S(kLanes);
+  for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
+    load_segment(m, geo, neighbor, e0, n, a, true, blk);
+    tangents(m, blk, dvec, e0, tb.rdot.data(), tb.udx.data(), tb.udy.data(), tb.udz.data(),
+             tb.dmono.data());
+    const T* Ga = Gm + a * m.n_basic;
+    const T* Gda = Gd + a * m.n_basic;
+    auto args = std::make_tuple(Ga, Gda, P.data(), Q.data(), gc.data(), da.data(), dr.data(),
+                                S.data());
+    auto call = [&](auto fn) {
+      std::apply([&](auto... xs) { fn(m, blk, tb, xs...); }, args);
+    };
+    switch (m.n_r) {  // the common basis sizes unrolled, others at run time
+      case 4: call(param_gradients_r<T, 4>); break;
+      case 5: call(param_gradients_r<T, 5>); break;
+      case 6: call(param_gradients_r<T, 6>); break;
+      case 8: call(param_gradients_r<T, 8>); break;
+      case 10: call(param_gradients_r<T, 10>); break;
+      default: call(param_gradients_r<T, 0>); break;
+    }
+    const int64_t zi = m.types[a];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t zj = m.types[neighbor[e0 + i]], pair = zi * m.n_types + zj;
+      for (int64_t eta = 0; eta < m.n_eta; ++eta) {
+        g_alpha[eta * CC + pair] += da[eta * kLanes + i];
+        g_r0[eta * CC + pair] += dr[eta * kLanes + i];
+      }
+      g_w[zi] += S[i] * m.weights[zj];
+      g_w[zj] += S[i] * m.weights[zi];
+    }
+  });
+  for (int64_t k = 0; k < m.n_mu * R; ++k) {
+    for (int64_t l = 0; l < VS; ++l) g_c[k] += gc[k * VS + l];
+  }
+}
+
+struct Jvp {
+  Inputs in;
+  at::Tensor vec, dvec;
+};
+
+Jvp check_jvp(const at::Tensor& vec, const at::Tensor& dvec, const at::Tensor& center,
+              const at::Tensor& neighbor, const at::Tensor& types, const at::Tensor& alpha,
+              const at::Tensor& r0, const at::Tensor& coeffs, const at::Tensor& eta,
+              const at::Tensor& weights, const at::Tensor& basic) {
+  Jvp j{check(center, neighbor, types, alpha, r0, coeffs, eta, weights, basic)};
+  j.vec = check_vec(vec, j.in);
+  TORCH_CHECK(dvec.sizes() == vec.sizes() && dvec.scalar_type() == vec.scalar_type(),
+              "sus2::basic_moments_jvp: dvec must be like vec [E, 3]");
+  j.dvec = dvec.contiguous();
+  return j;
+}
+
+std::tuple<at::Tensor, at::Tensor> basic_moments_jvp(
+    const at::Tensor& vec, const at::Tensor& dvec, const at::Tensor& center,
+    const at::Tensor& neighbor, const at::Tensor& types, const at::Tensor& alpha,
+    const at::Tensor& r0, const at::Tensor& coeffs, const at::Tensor& eta,
+    const at::Tensor& weights, const at::Tensor& basic, double r_max, double sigma,
+    int64_t num_nodes) {
+  const Jvp j = check_jvp(vec, dvec, center, neighbor, types, alpha, r0, coeffs, eta, weights,
+                          basic);
+  TORCH_CHECK(types.numel() == num_nodes, "sus2::basic_moments_jvp: types must be [num_nodes]");
+  const int64_t E = vec.size(0), nb = basic.size(0);
+  const int threads = E < 64 * kLanes ? 1 : at::get_num_threads();
+  auto both = at::zeros({threads, 2, num_nodes, nb}, vec.options());
+  if (E > 0 && nb > 0) {
+    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "sus2_basic_moments_jvp", [&] {
+      const auto m = model_of<scalar_t>(j.in, r_max, sigma);
+      const EdgeVectors<scalar_t> geo{j.vec.data_ptr<scalar_t>()};
+      scalar_t* p = both.data_ptr<scalar_t>();
+      auto run = [&](int64_t begin, int64_t end, int tid) {
+        scalar_t* mine = p + tid * 2 * num_nodes * nb;
+        jvp_range(m, geo, j.dvec.data_ptr<scalar_t>(), j.in.center.data_ptr<int64_t>(),
+                  j.in.neighbor.data_ptr<int64_t>(), begin, end, mine, mine + num_nodes * nb);
+      };
+      if (threads == 1) {
+        run(0, E, 0);
+      } else {
+        at::parallel_for(0, E, 32 * kLanes, [&](int64_t begin, int64_t end) {
+          run(begin, end, at::get_thread_num());
+        });
+      }
+    });
+  }
+  auto sum = threads > 1 ? both.sum(0) : both[0];
+  return {sum[0], sum[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> basic_moments_jvp_backward(
+    const at::Tensor& grad_m, const at::Tensor& grad_mdot, const at::Tensor& vec,
+    const at::Tensor& dvec, const at::Tensor& center, const at::Tensor& neighbor,
+    const at::Tensor& types, const at::Tensor& alpha, const at::Tensor& r0,
+    const at::Tensor& coeffs, const at::Tensor& eta, const at::Tensor& weights,
+    const at::Tensor& basic, double r_max, double sigma) {
+  const Jvp j = check_jvp(vec, dvec, center, neighbor, types, alpha, r0, coeffs, eta, weights,
+                          basic);
+  const auto gm = grad_m.to(vec.scalar_type()).contiguous();
+  const auto gd = grad_mdot.to(vec.scalar_type()).contiguous();
+  for (const auto* g : {&gm, &gd}) {
+    TORCH_CHECK(g->dim() == 2 && g->size(0) == types.numel() && g->size(1) == basic.size(0),
+                "sus2::basic_moments_jvp_backward: grads must be [num_nodes, n_basic]");
+  }
+  const int64_t E = vec.size(0);
+  const int64_t n_pair = alpha.numel(), n_c = coeffs.numel(), C = weights.numel();
+  const int threads = E < 64 * kLanes ? 1 : at::get_num_threads();
+  auto flat = at::zeros({threads, 2 * n_pair + n_c + C}, vec.options());
+  if (E > 0 && basic.size(0) > 0) {
+    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "sus2_basic_moments_jvp_backward", [&] {
+      const auto m = model_of<scalar_t>(j.in, r_max, sigma);
+      const EdgeVectors<scalar_t> geo{j.vec.data_ptr<scalar_t>()};
+      scalar_t* p = flat.data_ptr<scalar_t>();
+      auto run = [&](int64_t begin, int64_t end, int tid) {
+        jvp_backward_range(m, geo, j.dvec.data_ptr<scalar_t>(), j.in.center.data_ptr<int64_t>(),
+                           j.in.neighbor.data_ptr<int64_t>(), gm.data_ptr<scalar_t>(),
+                           gd.data_ptr<scalar_t>(), begin, end, p + tid * flat.size(1));
+      };
+      if (threads == 1) {  // one accumulator: no parallel region may write it concurrently
+        run(0, E, 0);
+      } else {
+        at::parallel_for(0, E, 16 * kLanes, [&](int64_t begin, int64_t end) {
+          run(begin, end, at::get_thread_num());
+        });
+      }
+    });
+  }
+  const auto g = flat.sum(0);
+  return {g.narrow(0, 0, n_pair).view(alpha.sizes()),
+          g.narrow(0, n_pair, n_pair).view(r0.sizes()),
+          g.narrow(0, 2 * n_pair, n_c).view(coeffs.sizes()),
+          g.narrow(0, 2 * n_pair + n_c, C).view(weights.sizes())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sus2, m) {
@@ -743,9 +1073,20 @@ TORCH_LIBRARY_FRAGMENT(sus2, m) {
       "basic_moments_backward(Tensor grad, Tensor vec, Tensor center, Tensor neighbor, "
       "Tensor types, Tensor alpha, Tensor r0, Tensor coeffs, Tensor eta_of_mu, Tensor weights, "
       "Tensor basic, float r_max, float sigma) -> Tensor");
+  m.def(
+      "basic_moments_jvp(Tensor vec, Tensor dvec, Tensor center, Tensor neighbor, Tensor types, "
+      "Tensor alpha, Tensor r0, Tensor coeffs, Tensor eta_of_mu, Tensor weights, Tensor basic, "
+      "float r_max, float sigma, SymInt num_nodes) -> (Tensor, Tensor)");
+  m.def(
+      "basic_moments_jvp_backward(Tensor grad_m, Tensor grad_mdot, Tensor vec, Tensor dvec, "
+      "Tensor center, Tensor neighbor, Tensor types, Tensor alpha, Tensor r0, Tensor coeffs, "
+      "Tensor eta_of_mu, Tensor weights, Tensor basic, float r_max, float sigma) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sus2, CPU, m) {
+  m.impl("basic_moments_jvp", &basic_moments_jvp);
+  m.impl("basic_moments_jvp_backward", &basic_moments_jvp_backward);
   m.impl("basic_moments", &basic_moments);
   m.impl("basic_moments_backward", &basic_moments_backward);
   m.impl("basic_moments_from_positions", &basic_moments_from_positions);
