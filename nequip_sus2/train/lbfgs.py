@@ -465,7 +465,8 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
             name = max((n for n in self.loss.entries if term.key.startswith(n)), key=len)
             entry_weight[name] = entry_weight.get(name, 0.0) + w
         diag = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-        gen = torch.Generator().manual_seed(0)
+        # independent signs on every rank (the estimate, not the training, depends on the ranks)
+        gen = torch.Generator().manual_seed(_world()[0])
         for _ in range(self.precondition_samples):
             for p in params:
                 p.grad = None
