@@ -197,7 +197,9 @@ class FusedLossGradient:
         x = self._readout(basis)
         x_dot = self._readout(basis_dot)
         energy = self._scale_shift(types, x)
-        energy_dot = self._scale_shift(types, x_dot) - self._scale_shift(types, 0 * x_dot)
+        energy_dot = self._scale_shift(types, x_dot) - self._scale_shift(
+            types, torch.zeros_like(x_dot)
+        )
         seed = torch.zeros_like(energy)
         e_bar = bars.get(_ENERGY)
         if e_bar is not None:
