@@ -144,10 +144,14 @@ class FusedLossGradient:
 
     def backward(self, loss: torch.Tensor, out: AtomicDataDict.Type) -> None:
         """Add ``dloss/dparam`` to the parameters' ``.grad`` (``out`` from :meth:`outputs`)."""
+        self.loss_objective(loss, out).backward()
+
+    def loss_objective(self, loss: torch.Tensor, out: AtomicDataDict.Type) -> torch.Tensor:
+        """:meth:`objective` for the cotangents of ``loss`` (a function of ``out``'s leaves):
+        its parameter gradient is ``dloss/dparam``."""
         keys = [k for k in OUTPUTS if k in out]
         grads = torch.autograd.grad(loss, [out[k] for k in keys], allow_unused=True)
-        bars = dict(zip(keys, grads, strict=True))
-        self.objective(out, bars).backward()
+        return self.objective(out, dict(zip(keys, grads, strict=True)))
 
     def objective(self, out: AtomicDataDict.Type, bars: dict) -> torch.Tensor:
         r""":math:`\Phi = \sum_i \bar e_i E_i + \dot E` with a graph to the parameters, for

@@ -11,10 +11,9 @@ work unchanged. Validation runs on the inference kernels.
 
 from __future__ import annotations
 
-import torch
 from nequip.train import EMALightningModule, NequIPLightningModule
 
-from ..kernels.training import OUTPUTS, FusedLossGradient
+from ..kernels.training import FusedLossGradient
 
 __all__ = ["FusedEMALightningModule", "FusedNequIPLightningModule", "FusedTrainingMixin"]
 
@@ -39,9 +38,7 @@ class FusedTrainingMixin:
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         loss = super().training_step(batch, batch_idx, dataloader_idx)
         out, self._fused_out = self._fused_out, None
-        keys = [k for k in OUTPUTS if k in out]
-        grads = torch.autograd.grad(loss, [out[k] for k in keys], allow_unused=True)
-        phi = self._fused.objective(out, dict(zip(keys, grads, strict=True)))
+        phi = self._fused.loss_objective(loss, out)
         return loss.detach() + (phi - phi.detach()).to(loss.dtype)
 
 

@@ -377,10 +377,8 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
                     rows = term.metric.count - n0
                     if rows > 0:
                         part = part + w * rows * values[term.key].to(torch.float64)
-                if backward and self._fused is not None:
-                    self._fused.backward(part, output)
-                elif backward:
-                    part.backward()
+                if backward:
+                    self._backward(part, output)
                 total += part.detach()
                 if self.train_metrics is not None:
                     with torch.no_grad():
@@ -443,6 +441,8 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
                 offset += p.numel()
 
     def _backward(self, value: torch.Tensor, output) -> None:
+        """``dvalue/dparam`` into ``.grad`` for a loss-like ``value`` of ``output`` (the fused
+        path's reverse pass, or autograd)."""
         if self._fused is not None:
             self._fused.backward(value, output)
         else:
