@@ -792,7 +792,7 @@ void jvp_range(const Model<T>& m, const EdgeVectors<T>& geo, const T* dvec, cons
   Block<T> blk(m);
   TangentBlock<T> tb(m);
   constexpr int64_t VS = at::vec::Vectorized<T>::size();
-  std::vector<T> lanes(2 * m.n_basic * VS);
+  std::vector<T> lanes(2 * m.n_basic * VS), extra(VS);
   for_each_segment(center, neighbor, m.n_atoms, begin, end, [&](int64_t e0, int64_t n, int64_t a) {
     load_segment(m, geo, neighbor, e0, n, a, true, blk);
     tangents(m, blk, dvec, e0, tb.rdot.data(), tb.udx.data(), tb.udy.data(), tb.udz.data(),
@@ -803,7 +803,6 @@ void jvp_range(const Model<T>& m, const EdgeVectors<T>& geo, const T* dvec, cons
         tb.fr[mu * kLanes + i] = blk.df[mu * kLanes + i] * tb.rdot[i];
       }
     }
-    std::vector<T> extra(VS);
     for (int64_t k = 0; k < m.n_basic; ++k) {
       const int64_t mu = m.mu[k], j = m.mono[k];
       dot_lanes(blk.f.data() + mu * kLanes, blk.mono.data() + j * kLanes, blk.np,
