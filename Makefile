@@ -92,7 +92,7 @@ bench: venv
 
 # budgeted accuracy study, SUS2 vs NequIP and Allegro on the Alloy and mlearn sets
 # (docs/benchmarks.md): every training gets the same wall-clock budget BUDGET (DD:HH:MM:SS;
-# MLEARN_BUDGET for the mlearn runs), 1 thread each, JOBS at a time; ~110 min at the defaults
+# MLEARN_BUDGET for the mlearn runs), 1 thread each, JOBS at a time; ~160 min at the defaults
 BUDGET ?= 00:00:08:00
 MLEARN_BUDGET ?= 00:00:12:00
 JOBS ?= 2

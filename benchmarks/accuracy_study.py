@@ -1,4 +1,4 @@
-"""Budgeted accuracy study: SUS2 vs NequIP vs Allegro (docs/benchmarks.md, issue #9).
+"""Budgeted accuracy study: SUS2 vs NequIP vs Allegro (docs/benchmarks.md).
 
 Every model gets the same wall-clock training budget (Lightning ``trainer.max_time``), one CPU
 thread per training and at most ``--jobs`` trainings at a time. Steps (each can be skipped):
@@ -47,6 +47,14 @@ FRACTIONS = (10, 30, 100)
 # published MTP test MAEs of Zuo et al. 2020 (meV/atom, eV/A)
 MTP_ZUO = {"Li": (0.49, 0.01), "Mo": (2.83, 0.09), "Si": (2.21, 0.06), "Ge": (1.79, 0.05)}
 
+# mlearn runs `mlearn_<model>_<element>` (config mlearn_<model>.yaml) -> label in the figures
+MLEARN_MODELS = {
+    "sus2": "SUS2, Adam (mlearn_adam.yaml)",
+    "sus2_lbfgs": "SUS2, L-BFGS (mlearn.yaml)",
+    "nequip": "NequIP, Adam",
+    "allegro": "Allegro, Adam",
+}
+
 # name -> (config under configs/benchmarks, extra overrides, study)
 RUNS: dict[str, tuple[str, list[str], str]] = {
     "alloy_sus2_l2k3_100": ("alloy_sus2_l2k3.yaml", ["train_fraction=100"], "alloy"),
@@ -56,9 +64,9 @@ RUNS: dict[str, tuple[str, list[str], str]] = {
     "alloy_allegro_100": ("alloy_allegro.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_l2k3_10": ("alloy_sus2_l2k3.yaml", ["train_fraction=10"], "alloy"),
     "alloy_sus2_l2k3_30": ("alloy_sus2_l2k3.yaml", ["train_fraction=30"], "alloy"),
-    **{f"mlearn_sus2_{e}": ("mlearn_sus2.yaml", [f"element={e}"], "mlearn") for e in ELEMENTS},
     **{
-        f"mlearn_sus2_lbfgs_{e}": ("mlearn_sus2_lbfgs.yaml", [f"element={e}"], "mlearn")
+        f"mlearn_{model}_{e}": (f"mlearn_{model}.yaml", [f"element={e}"], "mlearn")
+        for model in MLEARN_MODELS
         for e in ELEMENTS
     },
     "alloy_nequip_10": ("alloy_nequip.yaml", ["train_fraction=10"], "alloy"),
@@ -331,8 +339,8 @@ def _validation_series(run_dir: Path) -> tuple[list[float], list[float], list[fl
 
 def time_curves(out: Path) -> None:
     """``OUT/accuracy_vs_time.png``: validation energy and force MAE against training seconds
-    (one CPU thread) of the mlearn runs, mini-batch Adam and full-batch L-BFGS, with the MTP
-    values of Zuo et al. as dashed lines."""
+    (one CPU thread) of the mlearn runs (SUS2 with mini-batch Adam and full-batch L-BFGS, NequIP
+    and Allegro with Adam), with the MTP values of Zuo et al. as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,12 +349,9 @@ def time_curves(out: Path) -> None:
     fig, axes = plt.subplots(2, len(ELEMENTS), figsize=(4 * len(ELEMENTS), 6.5), squeeze=False)
     drawn = False
     for col, e in enumerate(ELEMENTS):
-        recipes = (
-            (f"mlearn_sus2_{e}", "Adam (mlearn_adam.yaml)", "C0"),
-            (f"mlearn_sus2_lbfgs_{e}", "L-BFGS (mlearn.yaml)", "C1"),
-        )
-        for name, label, color in recipes:
-            seconds, energy, forces = _validation_series(out / "runs" / name)
+        for k, (model, label) in enumerate(MLEARN_MODELS.items()):
+            color = f"C{k}"
+            seconds, energy, forces = _validation_series(out / "runs" / f"mlearn_{model}_{e}")
             if seconds:
                 axes[0, col].plot(seconds, energy, label=label, color=color)
                 axes[1, col].plot(seconds, forces, label=label, color=color)
@@ -402,7 +407,7 @@ def tables(results: dict, splits: dict) -> str:
             lines.append(_row(name, entry, splits["alloy"][f"train_{frac}"], True))
     lines += ["", "## mlearn (per element, test split 10 %)", "", head, "|---" * 7 + "|"]
     for e in ELEMENTS:
-        for name in (f"mlearn_sus2_{e}", f"mlearn_sus2_lbfgs_{e}"):
+        for name in (f"mlearn_{model}_{e}" for model in MLEARN_MODELS):
             if results.get(name):
                 lines.append(_row(name, results[name], splits[e]["train_100"], False))
     lines += ["", "MTP (Zuo et al. 2020, their test set): "]

@@ -295,18 +295,22 @@ def test_linear_prefit_resets_the_history(emt_file, tmp_path):
     assert _series(rows, "lbfgs/history") == [0.0, 1.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
-def test_resume_from_last_checkpoint_repeats_the_uninterrupted_run(
-    emt_file, tmp_path, precondition
-):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"precondition": True}, {"scaling_prior": 0.1}],
+    ids=["plain", "preconditioned", "scaling_prior"],
+)
+def test_resume_from_last_checkpoint_repeats_the_uninterrupted_run(emt_file, tmp_path, options):
     """4 iterations at once vs 2 + resume from last.ckpt + 2 (with a LinearPrefit re-solve at
     epoch 3, after the resume): the same weights bit for bit; the resumed run evaluates the
     starting point once more (the uninterrupted run took it from the line search). With
-    preconditioning the scales travel in the checkpoint (not estimated again)."""
+    preconditioning the scales, with the scaling prior its reference, travel in the checkpoint
+    (not taken again at the resume)."""
+    precondition = options.get("precondition", False)
 
     def run(name: str, epochs: int, ckpt_path=None):
         dm = _datamodule(emt_file)
-        module = _module(dm, precondition=precondition)
+        module = _module(dm, **options)
         callbacks = [
             LinearPrefit(every_n_epochs=3),
             ModelCheckpoint(dirpath=tmp_path / name, save_last=True),
@@ -332,6 +336,81 @@ def test_resume_from_last_checkpoint_repeats_the_uninterrupted_run(
     assert pairs("whole") == pairs("resumed") == 0
     if precondition:
         torch.testing.assert_close(resumed._scale, whole._scale, rtol=0, atol=0)
+    if "scaling_prior" in options:
+        # the resumed run's parameters have left the start: a reference taken again at the
+        # resume would differ from the one restored
+        alpha = next(m for n, m in whole.model.named_parameters() if n.endswith("alpha"))
+        assert not torch.equal(alpha, whole._scaling_reference[0][0])
+        for (a, r), (b, q) in zip(whole._scaling_reference, resumed._scaling_reference,
+                                  strict=True):  # fmt: skip
+            assert torch.equal(a, b) and torch.equal(r, q)
+
+
+def _alpha_r0(module) -> tuple[torch.Tensor, torch.Tensor]:
+    named = dict(module.model.named_parameters())
+    (alpha,) = [p for n, p in named.items() if n.endswith("alpha")]
+    (r0,) = [p for n, p in named.items() if n.endswith("r0")]
+    return alpha, r0
+
+
+def test_scaling_prior_value_gradient_and_pull(emt_file, tmp_path):
+    """The prior adds lambda * sum(((alpha - a0)/a0)^2 + (a0 (r0 - r00))^2) and its gradient
+    (written out here) to the full-set loss and gradient; trained with a strong prior, the pair
+    scaling stays closer to where it started than without; a negative strength is refused."""
+    lam = 0.3
+    dm = _datamodule(emt_file)
+    module, params = _outside_trainer(dm, scaling_prior=lam)
+    alpha, r0 = _alpha_r0(module)
+    a0, r00 = alpha.detach().clone(), r0.detach().clone()
+    assert float(module._pair_scaling_prior()) == 0.0  # the reference is the start
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        alpha.mul_(1 + 0.1 * torch.randn(alpha.shape, generator=gen, dtype=alpha.dtype))
+        r0.add_(0.2 * torch.randn(r0.shape, generator=gen, dtype=r0.dtype))
+    with_prior = module._evaluate(torch.zeros(1))
+    module.scaling_prior = 0.0
+    without = module._evaluate(torch.zeros(1))
+    da, dr = (alpha - a0).detach(), (r0 - r00).detach()
+    value = lam * float(((da / a0) ** 2).sum() + ((a0 * dr) ** 2).sum())
+    assert value > 1e-3
+    torch.testing.assert_close(with_prior.loss - without.loss, torch.tensor(value,
+                               dtype=torch.float64), rtol=1e-12, atol=0.0)  # fmt: skip
+    expected = torch.zeros_like(without.grad)
+    offset = 0
+    for p in params:
+        if p is alpha:
+            expected[offset : offset + p.numel()] = (2 * lam * da / a0**2).reshape(-1)
+        elif p is r0:
+            expected[offset : offset + p.numel()] = (2 * lam * a0**2 * dr).reshape(-1)
+        offset += p.numel()
+    torch.testing.assert_close(with_prior.grad - without.grad, expected, rtol=1e-10, atol=1e-14)
+
+    def departure(strength: float) -> float:
+        dm = _datamodule(emt_file)
+        module = _module(dm, scaling_prior=strength)
+        alpha, r0 = _alpha_r0(module)
+        a0, r00 = alpha.detach().clone(), r0.detach().clone()
+        _fit(module, dm, 6, tmp_path / f"prior_{strength}")
+        return float(((alpha - a0) / a0).norm() + (a0 * (r0 - r00)).norm())
+
+    free, held = departure(0.0), departure(10.0)
+    assert held < 0.2 * free, (held, free)
+    with pytest.raises(InstantiationException, match="scaling_prior must be >= 0"):
+        _module(dm, scaling_prior=-1.0)
+
+
+def _outside_trainer(datamodule, **kwargs):
+    """A module evaluated without a Lightning trainer: its training set in batches of 3 and its
+    trainable parameters (returned) stand in for the trainer's loader and the optimizer's."""
+    module = _module(datamodule, **kwargs)
+    dataset, collate = _train_set(datamodule)
+    module.train()
+    module.trainer = None
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    batches = _batches(dataset, collate, range(len(dataset)), 3)
+    module.training_batches = lambda: batches
+    module._params = lambda: params
+    return module, params
 
 
 def test_preconditioning_scales_and_progress(emt_file, tmp_path):
@@ -340,14 +419,8 @@ def test_preconditioning_scales_and_progress(emt_file, tmp_path):
     against the per-row Jacobian of the full set, within a factor 2 after rounding); 6
     preconditioned iterations decrease the loss at every step."""
     dm = _datamodule(emt_file)
-    module = _module(dm, precondition=True, precondition_samples=64)
+    module, params = _outside_trainer(dm, precondition=True, precondition_samples=64)
     dataset, collate = _train_set(dm)
-    module.train()
-    module.trainer = None
-    params = [p for p in module.model.parameters() if p.requires_grad]
-    batches = _batches(dataset, collate, range(len(dataset)), 3)
-    module.training_batches = lambda: batches
-    module._params = lambda: params
     scale = module.gauss_newton_scale()
     assert torch.equal(scale, torch.exp2(torch.round(torch.log2(scale))))
     assert float(torch.log2(scale).max() - torch.log2(scale).min()) >= 4

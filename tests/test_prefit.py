@@ -23,12 +23,12 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from nequip.data import AtomicDataDict
 
 from nequip_sus2.active_set import structures_to_data
+from nequip_sus2.data.frames import frame_index
 from nequip_sus2.model import SUS2Model
 from nequip_sus2.train import linear_prefit
 from nequip_sus2.train.prefit import (
     NormalEquations,
     _basis_jacobians,
-    _frame_index,
     _linear_parts,
     ridge_diagonal,
 )
@@ -185,7 +185,7 @@ def test_structured_and_generic_jacobians_agree_in_float32():
     data = structures_to_data(atoms, NAMES, R_MAX)
     batch = AtomicDataDict.batched_from_list(data)
     parts = _linear_parts(model)
-    index, frames = _frame_index(batch)
+    index, frames = frame_index(batch)
     types = batch[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
     inputs = {k: batch[k] for k in model.model_input_fields if k in batch}
     fast = _basis_jacobians(parts, dict(inputs), index, frames, types, structured=True)

@@ -1,1 +1,1 @@
-"""Data sets: generators of training data for the tutorials."""
+"""Data: `.cfg` data sets, generators of training data for the tutorials, helpers on batches."""

@@ -26,6 +26,7 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.nn.utils import with_edge_vectors_
 
+from ..data.frames import frame_index
 from ..nn.readout import LinearReadout
 from .fused import FusedMomentContraction, enable_fused_moments
 
@@ -95,10 +96,7 @@ def edge_tangents(
     if virial_bar is not None:
         strain = strain - virial_bar.view(frames, 3, 3).to(vec.dtype)
     strain = 0.5 * (strain + strain.transpose(-1, -2))
-    if AtomicDataDict.BATCH_KEY in data:
-        frame = data[AtomicDataDict.BATCH_KEY].view(-1).index_select(0, center)
-    else:
-        frame = torch.zeros_like(center)
+    frame = frame_index(data)[0].index_select(0, center)
     return dvec + torch.bmm(vec.unsqueeze(1), strain.index_select(0, frame)).squeeze(1)
 
 
@@ -207,10 +205,7 @@ class FusedLossGradient:
         seed = torch.zeros_like(energy)
         e_bar = bars.get(_ENERGY)
         if e_bar is not None:
-            if AtomicDataDict.BATCH_KEY in data:
-                frame = data[AtomicDataDict.BATCH_KEY].view(-1)
-            else:
-                frame = torch.zeros_like(types)
+            frame = frame_index(data)[0]
             seed = seed + e_bar.view(-1).to(seed.dtype).index_select(0, frame)
         if bars.get(_ATOM_ENERGY) is not None:
             seed = seed + bars[_ATOM_ENERGY].view(-1).to(seed.dtype)

@@ -1,4 +1,5 @@
-"""The universal-scaling layer: per ordered species pair affine distance map (docs/theory.md §2.2).
+"""The universal-scaling layer: per ordered species pair affine distance map (docs/theory.md §2.2),
+and the prior that keeps it near a reference during training (docs/theory.md §4.8).
 
 The per-species energy scale ``s`` and shift ``b`` of the site energy (docs/theory.md §2.7) are
 applied by the host's :class:`nequip.nn.PerTypeScaleShift` (scale ``s``, shift ``b + s``).
@@ -81,3 +82,21 @@ class UniversalPairScaling(GraphModuleMixin, torch.nn.Module):
         alpha, r0 = table.index_select(1, pair).chunk(2, dim=0)
         data[self.out_field] = torch.tanh(0.5 * alpha * (r - r0)).T  # [E, N_eta] view
         return data
+
+
+def pair_scaling_prior(
+    module: UniversalPairScaling, alpha_ref: torch.Tensor, r0_ref: torch.Tensor
+) -> torch.Tensor:
+    r"""Squared departure of the pair scaling from a reference ``alpha_ref`` = :math:`\alpha^0`,
+    ``r0_ref`` = :math:`\hat r^0`, in units of the scaled distance (docs/theory.md §4.8):
+
+    .. math:: P = \sum_{\eta a b} \left(\frac{\alpha_{\eta ab} - \alpha^0_{\eta ab}}
+       {\alpha^0_{\eta ab}}\right)^2 + \left(\alpha^0_{\eta ab}\,(r^0_{\eta ab} -
+       \hat r^0_{\eta ab})\right)^2
+
+    Entries whose reference ``alpha`` is 0 count their absolute change.
+    """
+    safe = torch.where(alpha_ref == 0, torch.ones_like(alpha_ref), alpha_ref)
+    relative = (module.alpha - alpha_ref) / safe.abs()
+    shift = safe * (module.r0 - r0_ref)
+    return relative.square().sum() + shift.square().sum()

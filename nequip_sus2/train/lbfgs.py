@@ -186,6 +186,10 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
             on one scale (default ``False``)
         precondition_samples (int): random projections of the estimate (each costs about one
             full-set evaluation; default 4)
+        scaling_prior (float): adds ``scaling_prior * P`` to the loss, ``P`` the squared
+            departure of the trainable pair scaling (alpha, r0) from its values at the start of
+            training (:func:`nequip_sus2.nn.scaling.pair_scaling_prior`, docs/theory.md §4.8):
+            pairs that few training structures see stay near their start (default 0, off)
         other arguments: as :class:`nequip.train.NequIPLightningModule`
     """
 
@@ -205,6 +209,7 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         fused_training: bool = False,
         precondition: bool = False,
         precondition_samples: int = 4,
+        scaling_prior: float = 0.0,
     ):
         if lr_scheduler is not None:
             raise ValueError(
@@ -213,6 +218,8 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
             )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or null, got {batch_size}")
+        if scaling_prior < 0:
+            raise ValueError(f"scaling_prior must be >= 0, got {scaling_prior}")
         super().__init__(
             model=model,
             num_datasets=num_datasets,
@@ -231,6 +238,9 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         self.precondition = precondition
         self.precondition_samples = precondition_samples
         self._scale: torch.Tensor | None = None  # d (flat), powers of two
+        self.scaling_prior = scaling_prior
+        # (alpha, r0) of every trainable scaling block where training started (checkpointed)
+        self._scaling_reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._terms: list[LossTerm] | None = None
         self._weights: torch.Tensor | None = None  # c_t / N_t
         self._batch_cache: list | None = None
@@ -271,12 +281,17 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         self._batch_cache, self._last, self._weights = None, None, None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CKPT_KEY] = {"evaluations": self.evaluations, "scale": self._scale}
+        checkpoint[_CKPT_KEY] = {
+            "evaluations": self.evaluations,
+            "scale": self._scale,
+            "scaling_reference": self._scaling_reference,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(_CKPT_KEY, {})
         self.evaluations = int(state.get("evaluations", 0))
         self._scale = state.get("scale")
+        self._scaling_reference = state.get("scaling_reference")
 
     # ------------------------------------------------------------------------------------------
     # the full-set loss and gradient
@@ -398,10 +413,41 @@ class FullBatchLBFGSLightningModule(NequIPLightningModule):
         grad, loss = flat[:-1], flat[-1].to(torch.float64)
         d = self.logging_delimiter
         logs = self.loss.compute(prefix=f"train_loss_step{d}")
+        if self.scaling_prior > 0:
+            prior = self.scaling_prior * self._pair_scaling_prior()
+            if prior.requires_grad:
+                grads = [torch.zeros_like(p) for p in params]
+                trained = [k for k, p in enumerate(params) if p.requires_grad]
+                found = torch.autograd.grad(prior, [params[k] for k in trained], allow_unused=True)
+                for k, g in zip(trained, found, strict=True):
+                    if g is not None:
+                        grads[k] = g
+                grad = grad + _flat(grads).to(grad.dtype)
+            loss = loss + prior.detach().to(torch.float64)
+            logs[f"train_loss_step{d}scaling_prior"] = prior.detach()
         if self.train_metrics is not None:
             logs.update(self.train_metrics.compute(prefix=f"train_metric_step{d}"))
         self.evaluations += 1
         return _Evaluation(key, loss, grad, {k: v.detach() for k, v in logs.items()})
+
+    def _pair_scaling_prior(self) -> torch.Tensor:
+        """``P`` summed over the model's trainable scaling blocks; the reference is taken at the
+        first call of a run (and restored from the checkpoint on resume)."""
+        from ..nn.scaling import UniversalPairScaling, pair_scaling_prior
+
+        blocks = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, UniversalPairScaling) and m.alpha.requires_grad
+        ]
+        if self._scaling_reference is None:
+            self._scaling_reference = [
+                (m.alpha.detach().clone(), m.r0.detach().clone()) for m in blocks
+            ]
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
+        for m, (alpha, r0) in zip(blocks, self._scaling_reference, strict=True):
+            value = value + pair_scaling_prior(m, alpha.to(m.alpha), r0.to(m.r0)).to(value.dtype)
+        return value
 
     def _closure(self) -> torch.Tensor:
         """L-BFGS's closure: the full-set loss, gradient in ``.grad``. A point already evaluated

@@ -56,6 +56,7 @@ from nequip.data import AtomicDataDict
 from nequip.utils import RankedLogger
 
 from .._keys import SCALAR_BASIS_KEY
+from ..data.frames import frame_index
 
 logger = RankedLogger(__name__, rank_zero_only=True)
 
@@ -171,13 +172,6 @@ class NormalEquations:
     def loss(self, x: torch.Tensor) -> float:
         """Weighted sum of squared residuals at ``x``."""
         return float(self.yty - 2 * x @ self.aty + x @ self.ata @ x)
-
-
-def _frame_index(data: AtomicDataDict.Type) -> tuple[torch.Tensor, int]:
-    if AtomicDataDict.BATCH_KEY in data:
-        return data[AtomicDataDict.BATCH_KEY], AtomicDataDict.num_frames(data)
-    pos = data[AtomicDataDict.POSITIONS_KEY]
-    return torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device), 1
 
 
 def _strained_forward(parts, data, batch_index, num_frames):
@@ -399,7 +393,7 @@ def accumulate_batch(
     force_scale = settings.force_scale
     parts = _linear_parts(graph_model) if parts is None else parts
     data = {k: batch[k] for k in graph_model.model_input_fields if k in batch}
-    batch_index, num_frames = _frame_index(batch)
+    batch_index, num_frames = frame_index(batch)
     types = batch[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
     n_atoms = torch.bincount(batch_index, minlength=num_frames).to(_F64)
     n_b, n_off = parts.num_basis, parts.num_offsets

@@ -53,18 +53,15 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.data.stats import Mean
 
+from ..data.frames import frame_index
+
 __all__ = ["SiteEnergyCentre", "SiteEnergySpread"]
 
 
 def _groups(preds: AtomicDataDict.Type) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Per atom: frame index and group index ``frame * C + type``; number of frames and C."""
     types = preds[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
-    if AtomicDataDict.BATCH_KEY in preds:
-        frame = preds[AtomicDataDict.BATCH_KEY].view(-1)
-        num_frames = AtomicDataDict.num_frames(preds)
-    else:
-        frame = torch.zeros_like(types)
-        num_frames = 1
+    frame, num_frames = frame_index(preds)
     num_types = int(types.max().item()) + 1 if types.numel() else 1
     return frame, frame * num_types + types, num_frames, num_types
 
