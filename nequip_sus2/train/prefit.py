@@ -359,6 +359,10 @@ class PrefitSettings:
     stress_weight: float = 0.001
     weighting: str = "vibrations"
     per_atom_weighting: bool = True
+    force_scale: float | None = None
+    ridge: float = 1e-3
+    reset_scales: bool = False
+    max_batches: int | None = None
 
     def __post_init__(self):
         if self.weighting not in WEIGHTING_POWERS:
@@ -370,11 +374,6 @@ class PrefitSettings:
     def size_powers(self) -> tuple[int, int, int]:
         """Powers of the atom count dividing the squared energy, force and virial residuals."""
         return WEIGHTING_POWERS["molecules" if not self.per_atom_weighting else self.weighting]
-
-    force_scale: float | None = None
-    ridge: float = 1e-3
-    reset_scales: bool = False
-    max_batches: int | None = None
 
 
 def accumulate_batch(
