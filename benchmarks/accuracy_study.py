@@ -237,11 +237,19 @@ def bench(out: Path, results: dict) -> None:
 # -- 5. report -------------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> dict:
+def _metrics_rows(run_dir: Path) -> list[dict] | None:
+    """The rows of a run's Lightning CSV log (its latest version; ``None`` without a log)."""
     files = sorted((run_dir / "metrics").glob("version_*/metrics.csv"))
     if not files:
+        return None
+    with open(files[-1]) as f:
+        return list(csv.DictReader(f))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    rows = _metrics_rows(run_dir)
+    if rows is None:
         return {}
-    rows = list(csv.DictReader(open(files[-1])))
     test, epochs, best_val = {}, 0, None
     for row in rows:
         # completed training epochs (the val/test runs after training log an epoch too)
@@ -317,11 +325,7 @@ def report(out: Path, splits: dict, budget: str, mlearn_budget: str) -> dict:
 def _validation_series(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
     """(seconds, energy MAE meV/atom, force MAE eV/A) at every validation of a run that logged
     ``time/train_seconds`` (``TrainingClock``); empty lists otherwise."""
-    found = sorted(run_dir.glob("metrics/version_*/metrics.csv"))
-    if not found:
-        return [], [], []
-    with open(found[-1]) as f:
-        rows = list(csv.DictReader(f))
+    rows = _metrics_rows(run_dir) or []
     # validations of training epochs only (not the validation run after training)
     trained = {r["epoch"] for r in rows if r.get("train_loss_epoch/weighted_sum")}
     by_epoch = {}
