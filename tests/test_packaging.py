@@ -65,6 +65,36 @@ def test_every_config_composes_from_the_package_folder():
         GlobalHydra.instance().clear()
 
 
+def test_every_training_config_writes_last_ckpt_at_every_validation():
+    """Resuming from last.ckpt continues from the latest state: each config with checkpoints has
+    a ModelCheckpoint without a monitor writing last.ckpt (Lightning 2.6's ``save_last`` writes
+    only together with a new best checkpoint, so nothing relies on it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    target = "lightning.pytorch.callbacks.ModelCheckpoint"
+    checked = []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(PACKAGE_CONFIGS), version_base=None):
+            for path in sorted(PACKAGE_CONFIGS.rglob("*.yaml")):
+                name = path.relative_to(PACKAGE_CONFIGS).with_suffix("").as_posix()
+                cfg = compose(config_name=name)
+                callbacks = cfg.get("trainer", {}).get("callbacks") or []
+                ckpts = [c for c in callbacks if c.get("_target_") == target]
+                if not ckpts:
+                    continue
+                checked.append(name)
+                assert not any(c.get("save_last") for c in ckpts), name
+                last = [c for c in ckpts if c.get("filename") == "last"]
+                assert len(last) == 1 and last[0].get("monitor") is None, name
+                assert last[0].get("enable_version_counter") is False, name
+                assert any(c.get("filename") == "best" and c.get("monitor") for c in ckpts), name
+    finally:
+        GlobalHydra.instance().clear()
+    assert {"tutorial", "mlearn", "alloy_lbfgs", "benchmarks/mlearn_sus2_lbfgs"} <= set(checked)
+
+
 # ----------------------------------------------------------------------------------------------
 # nequip-sus2 demo: options and errors
 # ----------------------------------------------------------------------------------------------
