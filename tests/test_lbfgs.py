@@ -508,7 +508,7 @@ def test_mlearn_config_through_nequip_train(tmp_path):
     assert len(_series(rows, "val0_epoch/weighted_sum")) == 2 + 1  # 2 in training, the val run
     seconds = _series(rows, "time/train_seconds")  # TrainingClock, at the two validations
     assert len(seconds) == 2 and 0 < seconds[0] < seconds[1], seconds
-    assert (run_dir / "best.ckpt").exists() and (run_dir / "last.ckpt").exists()
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
     # last.ckpt holds the final state (the validation of the 4th epoch), not the best one
     assert ckpt["epoch"] == 3 and ckpt["global_step"] == 4  # one L-BFGS step per epoch
