@@ -25,6 +25,7 @@ from nequip.data import AtomicDataDict
 from nequip_sus2.active_set import structures_to_data
 from nequip_sus2.data.frames import frame_index
 from nequip_sus2.model import SUS2Model
+from nequip_sus2.nn.moments import MomentContraction
 from nequip_sus2.train import linear_prefit
 from nequip_sus2.train.prefit import (
     NormalEquations,
@@ -179,9 +180,10 @@ def test_prefit_equals_direct_least_squares(structured):
     assert float(np.sum((A2 @ x_now - y2) ** 2)) == pytest.approx(result.loss_after, rel=1e-6)
 
 
-def test_structured_and_generic_jacobians_agree_in_float32():
+def _both_jacobians(dtype: str):
+    """The structured and the generic (autograd) Jacobians of one batch of four structures."""
     atoms = _structures(seed=1)[:4]
-    model = _model("float32")
+    model = _model(dtype)
     data = structures_to_data(atoms, NAMES, R_MAX)
     batch = AtomicDataDict.batched_from_list(data)
     parts = _linear_parts(model)
@@ -190,8 +192,31 @@ def test_structured_and_generic_jacobians_agree_in_float32():
     inputs = {k: batch[k] for k in model.model_input_fields if k in batch}
     fast = _basis_jacobians(parts, dict(inputs), index, frames, types, structured=True)
     slow = _basis_jacobians(parts, dict(inputs), index, frames, types, structured=False)
-    for a, b in zip(fast[:6], slow[:6], strict=True):
+    return fast[:6], slow[:6]
+
+
+def test_structured_and_generic_jacobians_agree_in_float32():
+    for a, b in zip(*_both_jacobians("float32"), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * b.abs().max())
+
+
+@pytest.mark.parametrize("atoms_per_chunk", [1, 3])
+def test_structured_jacobians_in_chunks_of_atoms(monkeypatch, atoms_per_chunk):
+    """The structured path takes dB/dM a chunk of atoms at a time (the chunks of a real model
+    hold ~10 atoms); with 1 or 3 atoms per chunk (the last one partial) it equals autograd."""
+    chunks = MomentContraction.basis_jacobian_chunks
+    calls = []
+
+    def small_chunks(self, basic, max_elements=None):
+        per_atom = self.num_slots * basic.shape[1]
+        calls.append(basic.shape[0])
+        return chunks(self, basic, max_elements=atoms_per_chunk * per_atom)
+
+    monkeypatch.setattr(MomentContraction, "basis_jacobian_chunks", small_chunks)
+    fast, slow = _both_jacobians("float64")
+    assert len(calls) == 1 and calls[0] > atoms_per_chunk  # several chunks
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10 * b.abs().max())
 
 
 def test_missing_labels_and_absent_species():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import torch
 from nequip.data import AtomicDataDict
@@ -196,42 +197,37 @@ class MomentContraction(GraphModuleMixin, torch.nn.Module):
         dm = (df * mono_b).unsqueeze(-1) * u.unsqueeze(1) + f.unsqueeze(-1) * dmono_b
         return m, dm
 
-    def basis_with_jacobian(
+    def basis_jacobian_chunks(
         self, basic: torch.Tensor, max_elements: int = 1 << 22
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``B = P(M)`` and ``dB/dM`` ([N, N_B], [N, N_B, n_basic]) of basic moments ``basic``
-        [N, n_basic] by forward-mode propagation through the program, in chunks of atoms."""
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``B = P(M)`` and ``dB/dM`` of basic moments ``basic`` [N, n_basic] by forward-mode
+        propagation through the program, a chunk of atoms at a time (``max_elements`` bounds
+        the tangents held); yields ``(first atom, B [k, N_B], dB/dM [k, N_B, n_basic])``."""
         dtype = basic.dtype
         tw = self.times_m.to(dtype)
         bounds = self.stage_bounds
         n, nb = basic.shape
         slots = self.num_slots
-        widths = (bounds[k + 1] - bounds[k] for k in range(len(bounds) - 1))
-        width = max(max(widths, default=1), slots)
-        chunk = max(1, max_elements // max(width * nb, 1))
-        Bs, Js = [], []
+        chunk = max(1, max_elements // max(slots * nb, 1))
         eye = torch.eye(nb, dtype=dtype, device=basic.device)
         for start in range(0, n, chunk):
             x = basic[start : start + chunk]
             k = x.shape[0]
-            m = torch.cat([x, x.new_zeros(k, slots - nb)], 1)
-            T = torch.cat([eye.expand(k, nb, nb), x.new_zeros(k, slots - nb, nb)], 1)
+            m = x.new_zeros(k, slots)
+            m[:, :nb] = x
+            T = x.new_zeros(k, slots, nb)  # dM_slot / dM_basic
+            T[:, :nb] = eye
             for s in range(len(bounds) - 1):
                 lo, hi = bounds[s], bounds[s + 1]
-                p, q, w, o = (
-                    self.times_p[lo:hi],
-                    self.times_q[lo:hi],
-                    tw[lo:hi],
-                    self.times_o[lo:hi],
-                )
+                p, q, o = self.times_p[lo:hi], self.times_q[lo:hi], self.times_o[lo:hi]
+                w = tw[lo:hi]
                 mp, mq = m.index_select(1, p), m.index_select(1, q)
-                Tp, Tq = T.index_select(1, p), T.index_select(1, q)
-                dprod = Tp * mq.unsqueeze(-1) + mp.unsqueeze(-1) * Tq
-                m = m.index_add(1, o, mp * mq * w)
-                T = T.index_add(1, o, dprod * w.view(1, -1, 1))
-            Bs.append(m.index_select(1, self.mapping))
-            Js.append(T.index_select(1, self.mapping))
-        return torch.cat(Bs), torch.cat(Js)
+                wp, wq = (mp * w).unsqueeze(-1), (mq * w).unsqueeze(-1)
+                dprod = T.index_select(1, p) * wq + wp * T.index_select(1, q)
+                # in place: a stage writes only slots that no entry of the same stage reads
+                m.index_add_(1, o, mp * mq * w)
+                T.index_add_(1, o, dprod)
+            yield start, m.index_select(1, self.mapping), T.index_select(1, self.mapping)
 
     # ------------------------------------------------------------------------------------------
     # forward (PyTorch operations)

@@ -235,8 +235,9 @@ def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
     ``r`` come from one forward-mode pass through the modules before ``moments`` (they depend on
     the edge vector only through its length), the monomials are differentiated analytically.
     Per atom, ``dB/dM`` of the small contraction polynomial by forward mode. Forces and virials
-    of every basis function then follow from ``dB(i)/dr_e = dB/dM(i) dm_e/dr_e`` (chunked over
-    edges); only the current energy needs a backward pass. The recomputed ``B`` is checked
+    of every basis function then follow from ``dB(i)/dr_e = dB/dM(i) dm_e/dr_e``, a chunk of
+    atoms at a time, the edges of an atom in one matrix product (``dB/dM`` is never held for all
+    atoms); only the current energy needs a backward pass. The recomputed ``B`` is checked
     against the model's (else the caller falls back to the generic path).
     """
     from nequip.nn.utils import with_edge_vectors_
@@ -244,7 +245,7 @@ def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
     net = parts.net
     names = list(net._modules)
     moments = net._modules["moments"]
-    if not hasattr(moments, "basis_with_jacobian"):  # a packaged model from an older version
+    if not hasattr(moments, "basis_jacobian_chunks"):  # a model packaged by an older version
         raise _Unstructured("the moments module does not offer the basis Jacobian")
     in_field = getattr(moments, "in_field", AtomicDataDict.EDGE_EMBEDDING_KEY)
     n_b = parts.num_basis
@@ -282,34 +283,51 @@ def _basis_jacobians_structured(parts, data, batch_index, num_frames, types):
     centre, neighbour = data[AtomicDataDict.EDGE_INDEX_KEY]
     n_atoms = types.shape[0]
     basic = m_e.new_zeros(n_atoms, m_e.shape[1]).index_add(0, centre, m_e)
-    B, dP = moments.basis_with_jacobian(basic)
+    scales = parts.atom_scales(types).to(_F64)
+    nbasic = dm.shape[1]
+    dmT = dm.transpose(1, 2)  # [E, 3, n_basic]
+    # r_e = r_j - r_i: the centre part of the forces design, summed over the edges of i ...
+    D = dm.new_zeros(n_atoms, 3, nbasic).index_add(0, centre, dmT)
+    # ... and the virial design X_ab = sum_e r_a g_b at atom level: Q_i = sum_e r_e (x) dm_e
+    Q = dm.new_zeros(n_atoms, 9, nbasic).index_add(
+        0, centre, (vec64.view(-1, 3, 1, 1) * dmT.unsqueeze(1)).reshape(-1, 9, nbasic)
+    )
+    # the edges grouped by centre atom, so that the neighbour part of each atom is one product
+    order = torch.argsort(centre, stable=True)
+    degree = torch.bincount(centre, minlength=n_atoms)
+    first = torch.cumsum(degree, 0) - degree
+    c_sorted = centre.index_select(0, order)
+    place = torch.arange(order.shape[0], device=order.device) - first.index_select(0, c_sorted)
+    dmT_sorted, n_sorted = dmT.index_select(0, order), neighbour.index_select(0, order)
+
+    dG_pos = dm.new_zeros(n_atoms, 3, n_b)
+    X = dm.new_zeros(num_frames, 9, n_b)  # [F, a (r) b (grad), N_B]
+    Bs = []
+    for lo, B, J in moments.basis_jacobian_chunks(basic):
+        k = B.shape[0]
+        hi = lo + k
+        Bs.append(B)
+        sJt = (J * scales[lo:hi].view(-1, 1, 1)).transpose(1, 2)  # s_Z dB/dM, [k, n_basic, N_B]
+        dG_pos[lo:hi] -= torch.bmm(D[lo:hi], sJt)
+        X.index_add_(0, batch_index[lo:hi], torch.bmm(Q[lo:hi], sJt))
+        e_lo, e_hi = int(first[lo]), int(first[hi - 1] + degree[hi - 1])
+        if e_hi == e_lo:
+            continue
+        width = int(degree[lo:hi].max())
+        rows = (c_sorted[e_lo:e_hi] - lo) * width + place[e_lo:e_hi]
+        padded = dm.new_zeros(k * width, 3, nbasic).index_copy_(0, rows, dmT_sorted[e_lo:e_hi])
+        g = torch.bmm(padded.view(k, width * 3, nbasic), sJt).view(k * width, 3, n_b)
+        dG_pos.index_add_(0, n_sorted[e_lo:e_hi], g.index_select(0, rows))
+    B = torch.cat(Bs)
     scale = float(B_model.abs().max()) if B_model.numel() else 0.0
     tol = (1e-4 if B_model.dtype == torch.float32 else 1e-9) * scale + 1e-12
     if B.shape != B_model.shape or (B.numel() and float((B - B_model).abs().max()) > tol):
         raise _Unstructured("the recomputed scalar basis does not match the model's")
-
-    sdP = dP * parts.atom_scales(types).view(-1, 1, 1)  # s_Z dB/dM  [N, N_B, n_basic]
-    nbasic = dm.shape[1]
-    # forces design, r_e = r_j - r_i: the centre part at atom level ...
-    D = dm.new_zeros(n_atoms, nbasic, 3).index_add(0, centre, dm)
-    dG_pos = -torch.bmm(sdP, D)  # [N, N_B, 3]
-    # ... the neighbour part per edge, in chunks
-    chunk = max(1, (1 << 22) // max(n_b * nbasic, 1))
-    for lo in range(0, dm.shape[0], chunk):
-        c = centre[lo : lo + chunk]
-        g = torch.bmm(sdP.index_select(0, c), dm[lo : lo + chunk])
-        dG_pos.index_add_(0, neighbour[lo : lo + chunk], g)
-    # virial design X_ab = sum_e r_a g_b, at atom level: Q_i = sum_e dm_e (x) r_e
-    Q = dm.new_zeros(n_atoms, nbasic, 9).index_add(
-        0, centre, (dm.unsqueeze(-1) * vec64.view(-1, 1, 1, 3)).reshape(-1, nbasic, 9)
-    )
-    Xi = torch.bmm(sdP, Q).view(n_atoms, n_b, 3, 3)  # [N, N_B, b (grad), a (r)]
-    X = Xi.new_zeros(num_frames, n_b, 3, 3).index_add(0, batch_index, Xi)
-    X = X.permute(0, 3, 2, 1)  # [F, a, b, N_B]
+    X = X.view(num_frames, 3, 3, n_b)
     dG_eps = 0.5 * (X + X.transpose(1, 2))
     G = _frame_sums(parts, B_model, batch_index, num_frames, types)
     return (
-        dG_pos.permute(0, 2, 1).contiguous(),  # [N, 3, N_B]
+        dG_pos,  # [N, 3, N_B]
         dE_pos.to(_F64).detach(),
         dG_eps.contiguous(),
         dE_eps.to(_F64).detach(),
