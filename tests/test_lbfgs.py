@@ -529,7 +529,12 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     """The config on 2 CPU processes (gloo, NequIP's SimpleDDPStrategy) gives the losses and
     weights of 1 process: each rank sums over its share, one all_reduce per evaluation (~40 s)."""
     data = _write_cu_data(tmp_path / "cu.xyz")
-    common = ("run=[train]", "max_epochs=3", "trainer.accelerator=cpu")
+    # K 5: the readout size this tolerance was set for (the pre-fit's solve amplifies round-off
+    # more for larger readouts; with K 6 the losses agree to 1e-9 too)
+    common = (
+        "run=[train]", "max_epochs=3", "trainer.accelerator=cpu",
+        "training_module.model.radial_channels=5",
+    )  # fmt: skip
     _nequip_train(data, tmp_path / "one", *common)
     log = _nequip_train(
         data, tmp_path / "two", *common,
