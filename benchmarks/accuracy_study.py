@@ -60,6 +60,7 @@ RUNS: dict[str, tuple[str, list[str], str]] = {
     "alloy_sus2_l2k3_100": ("alloy_sus2_l2k3.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_l3k3_100": ("alloy_sus2_l3k3.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_lbfgs_100": ("alloy_sus2_lbfgs.yaml", ["train_fraction=100"], "alloy"),
+    "alloy_sus2_fused_100": ("alloy_sus2_fused.yaml", ["train_fraction=100"], "alloy"),
     "alloy_nequip_100": ("alloy_nequip.yaml", ["train_fraction=100"], "alloy"),
     "alloy_allegro_100": ("alloy_allegro.yaml", ["train_fraction=100"], "alloy"),
     "alloy_sus2_l2k3_10": ("alloy_sus2_l2k3.yaml", ["train_fraction=10"], "alloy"),
